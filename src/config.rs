@@ -1,0 +1,1 @@
+//! Server configuration shared by the CLI and tests.

@@ -1,0 +1,119 @@
+//! Typed Jupyter messages: the header we originate and read, and a message whose content from
+//! the kernel stays raw JSON so that no field is lost when it is relayed.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The protocol version we speak.
+pub const PROTOCOL_VERSION: &str = "5.3";
+
+/// The five Jupyter channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// Requests and replies (execute, complete, inspect, kernel_info, …).
+    Shell,
+    /// Broadcast outputs and status.
+    #[serde(rename = "iopub")]
+    IoPub,
+    /// Kernel-initiated input requests.
+    Stdin,
+    /// Interrupt and shutdown, served even while shell is busy.
+    Control,
+    /// Liveness ping.
+    Heartbeat,
+}
+
+impl Channel {
+    /// The lowercase name used in Jupyter's JSON (`shell`, `iopub`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Shell => "shell",
+            Channel::IoPub => "iopub",
+            Channel::Stdin => "stdin",
+            Channel::Control => "control",
+            Channel::Heartbeat => "hb",
+        }
+    }
+}
+
+/// A Jupyter message header. Unknown fields are kept in `extra` so a relayed header loses nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    /// Unique id of this message.
+    pub msg_id: String,
+    /// The sending client's session id.
+    pub session: String,
+    /// Sender's user name.
+    #[serde(default)]
+    pub username: String,
+    /// ISO 8601 timestamp.
+    #[serde(default)]
+    pub date: String,
+    /// e.g. `execute_request`, `stream`.
+    pub msg_type: String,
+    /// Protocol version, e.g. `5.3`.
+    #[serde(default)]
+    pub version: String,
+    /// Anything else the sender put in the header.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Header {
+    /// A new header for a message we originate.
+    pub fn new(msg_type: &str, session: &str, username: &str) -> Self {
+        Self {
+            msg_id: uuid::Uuid::new_v4().to_string(),
+            session: session.to_owned(),
+            username: username.to_owned(),
+            date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            msg_type: msg_type.to_owned(),
+            version: PROTOCOL_VERSION.to_owned(),
+            extra: Map::new(),
+        }
+    }
+}
+
+/// One Jupyter message. `metadata` and `content` are raw JSON: relayed as the kernel sent them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// ZeroMQ routing identities before the `<IDS|MSG>` delimiter (empty on DEALER/SUB reads,
+    /// except the iopub topic).
+    pub identities: Vec<Bytes>,
+    /// This message's header.
+    pub header: Header,
+    /// The header of the request this message answers; `None` when the kernel sent `{}`.
+    pub parent_header: Option<Header>,
+    /// Free-form metadata.
+    pub metadata: Value,
+    /// The message content.
+    pub content: Value,
+    /// Extra binary buffers after the content frame.
+    pub buffers: Vec<Bytes>,
+}
+
+impl Message {
+    /// A message we originate, with a fresh header and empty metadata.
+    pub fn new(msg_type: &str, session: &str, content: Value) -> Self {
+        Self {
+            identities: Vec::new(),
+            header: Header::new(msg_type, session, "kernelbox"),
+            parent_header: None,
+            metadata: Value::Object(Map::new()),
+            content,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// The message type from the header.
+    pub fn msg_type(&self) -> &str {
+        &self.header.msg_type
+    }
+
+    /// The `msg_id` of the parent request, if any.
+    pub fn parent_id(&self) -> Option<&str> {
+        self.parent_header.as_ref().map(|h| h.msg_id.as_str())
+    }
+}

@@ -1,0 +1,12 @@
+//! The Jupyter wire protocol (v5.3) client: connection info, HMAC-SHA256 signing, framing,
+//! typed messages, the five channels and the heartbeat. Knows nothing of Docker or HTTP.
+
+pub mod client;
+pub mod codec;
+pub mod connection;
+pub mod message;
+pub mod signer;
+
+pub use client::{ClientOptions, Incoming, KernelClient, KernelError};
+pub use connection::{ConnectionInfo, Transport};
+pub use message::{Channel, Header, Message};

@@ -1,0 +1,2 @@
+//! The `kernelbox` command line.
+fn main() {}

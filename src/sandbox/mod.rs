@@ -1,0 +1,125 @@
+//! Where kernels run: a Docker container per session ([`docker`], the default) or a plain local
+//! process ([`local`], for development and machines with no Docker engine). Knows nothing of
+//! WebSockets or sessions' clients: it starts, watches, signals and stops kernel processes.
+
+pub mod docker;
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::kernel::ConnectionInfo;
+
+/// Why a kernel is no longer running, as clients are told it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Killed by the out-of-memory killer (container OOMKilled).
+    OutOfMemory,
+    /// The process exited with this code.
+    ExitCode(i64),
+    /// The process was killed by this signal (local processes).
+    Signal(i32),
+    /// The heartbeat stopped answering (noticed by the session, not the sandbox).
+    HeartbeatLost,
+    /// The sandbox vanished or could not be watched (e.g. container removed from outside).
+    Vanished(String),
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::OutOfMemory => f.write_str("out of memory"),
+            ExitReason::ExitCode(code) => write!(f, "exited with code {code}"),
+            ExitReason::Signal(sig) => write!(f, "killed by signal {sig}"),
+            ExitReason::HeartbeatLost => f.write_str("heartbeat lost"),
+            ExitReason::Vanished(why) => write!(f, "sandbox gone: {why}"),
+        }
+    }
+}
+
+/// Errors of a sandbox backend, with what was attempted.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The backend cannot be used at all (no engine, no python, no image): `hint` says what to do.
+    #[error("{what} is unavailable: {reason}. {hint}")]
+    Unavailable {
+        /// The missing thing.
+        what: String,
+        /// Why.
+        reason: String,
+        /// What the operator should run or set.
+        hint: String,
+    },
+    /// Starting a kernel failed.
+    #[error("cannot start kernel: {0}")]
+    Launch(String),
+    /// A lifecycle operation on a running kernel failed.
+    #[error("cannot {op} kernel: {reason}")]
+    Control {
+        /// interrupt, restart or shutdown.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The request asked for something the operator's policy forbids.
+    #[error("not allowed: {0}")]
+    Policy(String),
+    /// Filesystem trouble (connection dirs, files).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// What one session asks of the sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchSpec {
+    /// The session id; containers are labelled with it, directories named after it.
+    pub session_id: String,
+    /// Whether the kernel may reach the network (only if the operator's policy allows it).
+    pub network: bool,
+    /// Extra environment variables for the kernel.
+    pub env: BTreeMap<String, String>,
+}
+
+/// A backend that can start kernels.
+#[async_trait]
+pub trait Sandbox: Send + Sync + 'static {
+    /// A short name for logs and `/healthz` (`docker`, `local`).
+    fn name(&self) -> &'static str;
+
+    /// Starts one kernel with a fresh random key. Returns once the kernel process has been
+    /// started (not necessarily listening yet: the kernel client proves readiness).
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError>;
+
+    /// Removes whatever this server instance left behind (called at start and at shutdown).
+    async fn cleanup(&self) -> Result<usize, SandboxError> {
+        Ok(0)
+    }
+}
+
+/// One running kernel (process or container) as the sandbox sees it.
+#[async_trait]
+pub trait KernelProcess: Send + Sync + 'static {
+    /// Where the kernel listens and the key it signs with. Stable across [`restart`](Self::restart).
+    fn connection(&self) -> &ConnectionInfo;
+
+    /// Resolves when the current kernel process has exited, with why. Cancel-safe, may be called
+    /// repeatedly and concurrently; after a restart it tracks the new process.
+    async fn exited(&self) -> ExitReason;
+
+    /// Delivers SIGINT to the kernel process (fallback when a control interrupt does not land).
+    async fn signal_interrupt(&self) -> Result<(), SandboxError>;
+
+    /// Kills the kernel process and starts a fresh one with the same connection info.
+    async fn restart(&self) -> Result<(), SandboxError>;
+
+    /// Stops the kernel and removes everything it had (process, container, directories).
+    /// Idempotent.
+    async fn shutdown(&self) -> Result<(), SandboxError>;
+}

@@ -1,0 +1,1 @@
+//! Sessions: one kernel + its ordered execution queue, subscribers and lifecycle.
