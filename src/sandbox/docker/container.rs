@@ -1,0 +1,712 @@
+//! One session's kernel container: what it looks like (hardening, mounts, labels) and its
+//! lifecycle ([`DockerKernel`]), with exits observed from the engine.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding,
+    VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    KillContainerOptions, RestartContainerOptions, StartContainerOptions, WaitContainerOptions,
+};
+use futures::StreamExt;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use super::config::{KernelTransport, WorkDirStorage};
+use super::state::{MAX_SOCKET_PATH, SessionDirs};
+use super::{
+    LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION, Shared, control, is_not_found,
+    remove_container, remove_volume,
+};
+use crate::kernel::ConnectionInfo;
+use crate::kernel::connection::Transport;
+use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, SandboxError};
+
+/// `kernelbox.role` of kernel containers.
+pub(super) const ROLE_KERNEL: &str = "kernel";
+/// `kernelbox.role` of working-dir keepers.
+const ROLE_KEEPER: &str = "keeper";
+/// Where the per-session ipc dir is mounted in the container.
+const CONTAINER_IPC_DIR: &str = "/run/kernelbox";
+/// The connection file's name in the ipc dir.
+const CONNECTION_FILE: &str = "kernel.json";
+/// The kernel's working directory (the image's WORKDIR).
+const CONTAINER_WORK_DIR: &str = "/home/kernel/work";
+/// Container-side ports of the kernel's channels with the tcp transport.
+const TCP_PORTS: [u16; 5] = [5555, 5556, 5557, 5558, 5559];
+
+/// What the current run of a kernel container has come to.
+#[derive(Debug, Clone)]
+struct RunState {
+    /// Bumped for every run (start, restart); a watcher only reports for its own run.
+    generation: u64,
+    /// `Some` once the run is over.
+    exit: Option<ExitReason>,
+}
+
+/// The parts of a kernel that lifecycle operations change, behind one lock so restart,
+/// interrupt and shutdown never interleave.
+#[derive(Debug)]
+struct Run {
+    container_id: String,
+    watcher: Option<JoinHandle<()>>,
+    shut_down: bool,
+}
+
+/// A kernel running in a Docker container: the [`KernelProcess`] of [`DockerSandbox`](super::DockerSandbox).
+/// Removes its container (best effort) if dropped without [`shutdown`](KernelProcess::shutdown).
+#[derive(Debug)]
+pub struct DockerKernel {
+    shared: Arc<Shared>,
+    session_id: String,
+    dirs: SessionDirs,
+    /// Host-side connection info (what the server connects to).
+    connection: ConnectionInfo,
+    /// The connection file as the kernel reads it (ipc only; rewritten before each restart).
+    connection_file: Option<Vec<u8>>,
+    /// How to create the kernel container again if it vanished.
+    body: ContainerCreateBody,
+    keeper_id: Option<String>,
+    volume: Option<String>,
+    state: Arc<watch::Sender<RunState>>,
+    run: Mutex<Run>,
+}
+
+impl DockerKernel {
+    /// The id of the current kernel container (changes only if it had to be recreated).
+    pub async fn container_id(&self) -> String {
+        self.run.lock().await.container_id.clone()
+    }
+
+    /// The session this kernel belongs to.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+}
+
+/// Everything created so far for a launch, undone if a later step fails.
+#[derive(Default)]
+struct Created {
+    containers: Vec<String>,
+    volume: Option<String>,
+}
+
+/// Starts a session's kernel container (and, for a kept tmpfs working dir, its volume and keeper).
+pub(super) async fn launch(
+    shared: Arc<Shared>,
+    spec: &LaunchSpec,
+) -> Result<DockerKernel, SandboxError> {
+    let config = &shared.config;
+    if spec.network && !config.allow_network_requests {
+        return Err(SandboxError::Policy(
+            "this server does not give kernels network access".to_owned(),
+        ));
+    }
+    for key in spec.env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(SandboxError::Launch(format!(
+                "invalid environment variable name {key:?}"
+            )));
+        }
+    }
+    let dirs = shared.state.session(&spec.session_id);
+    let mut created = Created::default();
+    match launch_inner(&shared, spec, &dirs, &mut created).await {
+        Ok(kernel) => Ok(kernel),
+        Err(err) => {
+            for id in &created.containers {
+                if let Err(cleanup_err) = remove_container(&shared.docker, id).await {
+                    tracing::warn!(%cleanup_err, "cannot undo a failed launch");
+                }
+            }
+            if let Some(volume) = &created.volume
+                && let Err(cleanup_err) = remove_volume(&shared.docker, volume).await
+            {
+                tracing::warn!(%cleanup_err, "cannot undo a failed launch");
+            }
+            if let Err(cleanup_err) = dirs.remove() {
+                tracing::warn!(%cleanup_err, "cannot undo a failed launch");
+            }
+            Err(err)
+        }
+    }
+}
+
+async fn launch_inner(
+    shared: &Arc<Shared>,
+    spec: &LaunchSpec,
+    dirs: &SessionDirs,
+    created: &mut Created,
+) -> Result<DockerKernel, SandboxError> {
+    let config = &shared.config;
+    let docker = &shared.docker;
+    let key = ConnectionInfo::random_key();
+    let mut labels = HashMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_INSTANCE.to_owned(), shared.instance_id.clone()),
+        (LABEL_SESSION.to_owned(), spec.session_id.clone()),
+    ]);
+
+    // The host side: ipc dir + connection file, or a host working dir.
+    let mut subdirs = Vec::new();
+    if config.transport == KernelTransport::Ipc {
+        subdirs.push(dirs.ipc.as_path());
+    }
+    if config.work_dir == WorkDirStorage::HostDir {
+        subdirs.push(dirs.work.as_path());
+    }
+    dirs.create(&subdirs, config.uid, config.gid)?;
+
+    let mut mounts = Vec::new();
+    let (connection, connection_file, cmd) = match &config.transport {
+        KernelTransport::Ipc => {
+            let host_prefix = dirs.ipc.join("k");
+            let longest = host_prefix.as_os_str().len() + "-5".len();
+            if longest > MAX_SOCKET_PATH {
+                return Err(SandboxError::Launch(format!(
+                    "the kernel's socket paths under {} would be {longest} bytes, over the unix \
+                     limit of {MAX_SOCKET_PATH}: use a shorter state dir",
+                    dirs.ipc.display()
+                )));
+            }
+            let mut inside = ConnectionInfo::ipc(
+                &std::path::Path::new(CONTAINER_IPC_DIR).join("k"),
+                key.clone(),
+            );
+            inside.kernel_name = "python3".to_owned();
+            let file = serde_json::to_vec_pretty(&inside).map_err(|err| {
+                SandboxError::Launch(format!("cannot encode connection file: {err}"))
+            })?;
+            dirs.write_kernel_file(CONNECTION_FILE, &file, config.uid, config.gid)?;
+            mounts.push(Mount {
+                target: Some(CONTAINER_IPC_DIR.to_owned()),
+                source: Some(dirs.ipc.to_string_lossy().into_owned()),
+                typ: Some(MountType::BIND),
+                ..Default::default()
+            });
+            let mut outside = ConnectionInfo::ipc(&host_prefix, key);
+            outside.kernel_name = "python3".to_owned();
+            let cmd = vec![
+                "-f".to_owned(),
+                format!("{CONTAINER_IPC_DIR}/{CONNECTION_FILE}"),
+            ];
+            (outside, Some(file), cmd)
+        }
+        KernelTransport::Tcp { .. } => {
+            // No shared directory with a remote engine: the kernel gets its endpoints and key as
+            // arguments and writes its own connection file in /tmp.
+            let [shell, iopub, stdin, control, hb] = TCP_PORTS;
+            let cmd = vec![
+                "-f".to_owned(),
+                "/tmp/kernelbox/kernel.json".to_owned(),
+                "--ip=0.0.0.0".to_owned(),
+                format!("--shell={shell}"),
+                format!("--iopub={iopub}"),
+                format!("--stdin={stdin}"),
+                format!("--control={control}"),
+                format!("--hb={hb}"),
+                format!("--Session.key={key}"),
+                "--Session.signature_scheme=hmac-sha256".to_owned(),
+            ];
+            // The host ports are known once the container runs.
+            let placeholder = ConnectionInfo {
+                transport: Transport::Tcp,
+                ..ConnectionInfo::ipc(std::path::Path::new(""), key)
+            };
+            (placeholder, None, cmd)
+        }
+    };
+
+    // The working dir.
+    let volume = match config.work_dir {
+        WorkDirStorage::KeptTmpfs => {
+            let name = format!(
+                "kernelbox-{}-{}",
+                shared.instance_id,
+                super::state::dir_name(&spec.session_id)
+            );
+            let options = format!(
+                "size={},uid={},gid={},mode=0700,nosuid,nodev",
+                config.work_dir_size_bytes, config.uid, config.gid
+            );
+            docker
+                .create_volume(VolumeCreateRequest {
+                    name: Some(name.clone()),
+                    driver: Some("local".to_owned()),
+                    driver_opts: Some(HashMap::from([
+                        ("type".to_owned(), "tmpfs".to_owned()),
+                        ("device".to_owned(), "tmpfs".to_owned()),
+                        ("o".to_owned(), options),
+                    ])),
+                    labels: Some(labels.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| {
+                    SandboxError::Launch(format!("cannot create working-dir volume {name}: {err}"))
+                })?;
+            created.volume = Some(name.clone());
+            mounts.push(Mount {
+                target: Some(CONTAINER_WORK_DIR.to_owned()),
+                source: Some(name.clone()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            });
+            Some(name)
+        }
+        WorkDirStorage::HostDir => {
+            mounts.push(Mount {
+                target: Some(CONTAINER_WORK_DIR.to_owned()),
+                source: Some(dirs.work.to_string_lossy().into_owned()),
+                typ: Some(MountType::BIND),
+                ..Default::default()
+            });
+            None
+        }
+    };
+
+    // The keeper holds the tmpfs volume mounted while the kernel container restarts.
+    let keeper_id = match &volume {
+        Some(name) => {
+            let mut keeper_labels = labels.clone();
+            keeper_labels.insert(LABEL_ROLE.to_owned(), ROLE_KEEPER.to_owned());
+            let body = keeper_body(shared, name, keeper_labels);
+            let id = create(docker, body).await?;
+            created.containers.push(id.clone());
+            start(docker, &id).await?;
+            Some(id)
+        }
+        None => None,
+    };
+
+    labels.insert(LABEL_ROLE.to_owned(), ROLE_KERNEL.to_owned());
+    let network = if spec.network || matches!(config.transport, KernelTransport::Tcp { .. }) {
+        config.network_mode_when_allowed.clone()
+    } else {
+        "none".to_owned()
+    };
+    let body = kernel_body(shared, spec, labels, cmd, mounts, network);
+    let id = create(docker, body.clone()).await?;
+    created.containers.push(id.clone());
+    start(docker, &id).await?;
+
+    let connection = match &config.transport {
+        KernelTransport::Tcp { connect_host } => {
+            tcp_connection(docker, &id, connect_host, connection).await?
+        }
+        KernelTransport::Ipc => connection,
+    };
+
+    let state = Arc::new(watch::Sender::new(RunState {
+        generation: 0,
+        exit: None,
+    }));
+    let watcher = spawn_watcher(docker.clone(), id.clone(), 0, state.clone());
+    Ok(DockerKernel {
+        shared: shared.clone(),
+        session_id: spec.session_id.clone(),
+        dirs: dirs.clone(),
+        connection,
+        connection_file,
+        body,
+        keeper_id,
+        volume,
+        state,
+        run: Mutex::new(Run {
+            container_id: id,
+            watcher: Some(watcher),
+            shut_down: false,
+        }),
+    })
+}
+
+/// The hardened kernel container: no network (unless allowed), no capabilities, no privilege
+/// gain, read-only root, size-limited /tmp, memory without swap, CPU and pids limits, non-root.
+fn kernel_body(
+    shared: &Shared,
+    spec: &LaunchSpec,
+    labels: HashMap<String, String>,
+    cmd: Vec<String>,
+    mounts: Vec<Mount>,
+    network: String,
+) -> ContainerCreateBody {
+    let config = &shared.config;
+    let tcp = matches!(config.transport, KernelTransport::Tcp { .. });
+    let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let port_bindings = tcp.then(|| {
+        TCP_PORTS
+            .iter()
+            .map(|port| {
+                let binding = PortBinding {
+                    host_ip: None,
+                    host_port: Some(String::new()),
+                };
+                (format!("{port}/tcp"), Some(vec![binding]))
+            })
+            .collect()
+    });
+    ContainerCreateBody {
+        image: Some(config.image.clone()),
+        user: Some(format!("{}:{}", config.uid, config.gid)),
+        cmd: Some(cmd),
+        env: Some(env),
+        labels: Some(labels),
+        working_dir: Some(CONTAINER_WORK_DIR.to_owned()),
+        hostname: Some("kernel".to_owned()),
+        exposed_ports: tcp.then(|| TCP_PORTS.iter().map(|p| format!("{p}/tcp")).collect()),
+        host_config: Some(HostConfig {
+            network_mode: Some(network),
+            port_bindings,
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_owned(),
+                format!("rw,nosuid,nodev,size={},mode=1777", config.tmp_size_bytes),
+            )])),
+            mounts: Some(mounts),
+            memory: Some(config.memory_bytes),
+            memory_swap: Some(config.memory_bytes),
+            nano_cpus: Some((config.cpus * 1e9) as i64),
+            pids_limit: Some(config.pids_limit),
+            // The image's entrypoint is tini; a second init would only add a process.
+            init: Some(false),
+            log_config: Some(small_log()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The keeper: an idle `sleep` holding the working-dir volume mounted (read-only), as locked
+/// down as the kernel and tiny.
+fn keeper_body(
+    shared: &Shared,
+    volume: &str,
+    labels: HashMap<String, String>,
+) -> ContainerCreateBody {
+    let config = &shared.config;
+    const KEEPER_MEMORY: i64 = 16 * 1024 * 1024;
+    ContainerCreateBody {
+        image: Some(config.image.clone()),
+        user: Some(format!("{}:{}", config.uid, config.gid)),
+        entrypoint: Some(vec!["/usr/bin/tini".to_owned(), "--".to_owned()]),
+        cmd: Some(vec!["sleep".to_owned(), "infinity".to_owned()]),
+        env: Some(Vec::new()),
+        labels: Some(labels),
+        host_config: Some(HostConfig {
+            network_mode: Some("none".to_owned()),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            readonly_rootfs: Some(true),
+            mounts: Some(vec![Mount {
+                target: Some("/keep".to_owned()),
+                source: Some(volume.to_owned()),
+                typ: Some(MountType::VOLUME),
+                read_only: Some(true),
+                ..Default::default()
+            }]),
+            memory: Some(KEEPER_MEMORY),
+            memory_swap: Some(KEEPER_MEMORY),
+            nano_cpus: Some(50_000_000),
+            pids_limit: Some(8),
+            init: Some(false),
+            log_config: Some(small_log()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Container logs (the kernel's own stdout/stderr, not cell output) capped at 1 MB, so a
+/// kernel cannot fill the engine's disk through them.
+fn small_log() -> HostConfigLogConfig {
+    HostConfigLogConfig {
+        typ: Some("json-file".to_owned()),
+        config: Some(HashMap::from([
+            ("max-size".to_owned(), "1m".to_owned()),
+            ("max-file".to_owned(), "1".to_owned()),
+        ])),
+    }
+}
+
+async fn create(docker: &Docker, body: ContainerCreateBody) -> Result<String, SandboxError> {
+    docker
+        .create_container(None, body)
+        .await
+        .map(|created| created.id)
+        .map_err(|err| SandboxError::Launch(format!("cannot create container: {err}")))
+}
+
+async fn start(docker: &Docker, id: &str) -> Result<(), SandboxError> {
+    docker
+        .start_container(id, None::<StartContainerOptions>)
+        .await
+        .map_err(|err| SandboxError::Launch(format!("cannot start container {id}: {err}")))
+}
+
+/// Fills in the host ports the engine published for a tcp kernel.
+async fn tcp_connection(
+    docker: &Docker,
+    id: &str,
+    connect_host: &str,
+    mut info: ConnectionInfo,
+) -> Result<ConnectionInfo, SandboxError> {
+    let inspect = docker
+        .inspect_container(id, None)
+        .await
+        .map_err(|err| SandboxError::Launch(format!("cannot inspect container {id}: {err}")))?;
+    let ports = inspect
+        .network_settings
+        .and_then(|settings| settings.ports)
+        .unwrap_or_default();
+    let host_port = |port: u16| -> Result<u16, SandboxError> {
+        ports
+            .get(&format!("{port}/tcp"))
+            .and_then(|bindings| bindings.as_ref())
+            .and_then(|bindings| bindings.first())
+            .and_then(|binding| binding.host_port.as_deref())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| {
+                SandboxError::Launch(format!("the engine did not publish port {port} of {id}"))
+            })
+    };
+    let [shell, iopub, stdin, control, hb] = TCP_PORTS;
+    info.ip = connect_host.to_owned();
+    info.shell_port = host_port(shell)?;
+    info.iopub_port = host_port(iopub)?;
+    info.stdin_port = host_port(stdin)?;
+    info.control_port = host_port(control)?;
+    info.hb_port = host_port(hb)?;
+    Ok(info)
+}
+
+/// Watches one run of a container and records how it ended, unless a newer run replaced it.
+fn spawn_watcher(
+    docker: Docker,
+    id: String,
+    generation: u64,
+    state: Arc<watch::Sender<RunState>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let reason = watch_run(&docker, &id).await;
+        state.send_if_modified(|run| {
+            if run.generation == generation && run.exit.is_none() {
+                run.exit = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    })
+}
+
+/// Waits until the container stops running, then asks the engine why.
+async fn watch_run(docker: &Docker, id: &str) -> ExitReason {
+    loop {
+        let options = WaitContainerOptions {
+            condition: "not-running".to_owned(),
+        };
+        let mut waiting = docker.wait_container(id, Some(options));
+        match waiting.next().await {
+            // bollard reports a non-zero exit as an error; either way the run is over.
+            Some(Ok(_)) | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => {
+                break;
+            }
+            Some(Err(err)) if is_not_found(&err) => {
+                return ExitReason::Vanished("the container was removed".to_owned());
+            }
+            Some(Err(err)) => {
+                tracing::debug!(container = id, %err, "waiting for the container failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    match docker.inspect_container(id, None).await {
+        Ok(inspect) => {
+            let state = inspect.state.unwrap_or_default();
+            if state.oom_killed == Some(true) {
+                ExitReason::OutOfMemory
+            } else {
+                ExitReason::ExitCode(state.exit_code.unwrap_or(-1))
+            }
+        }
+        Err(err) if is_not_found(&err) => {
+            ExitReason::Vanished("the container was removed".to_owned())
+        }
+        Err(err) => ExitReason::Vanished(format!("cannot inspect the container: {err}")),
+    }
+}
+
+#[async_trait]
+impl KernelProcess for DockerKernel {
+    fn connection(&self) -> &ConnectionInfo {
+        &self.connection
+    }
+
+    async fn exited(&self) -> ExitReason {
+        let mut rx = self.state.subscribe();
+        loop {
+            if let Some(reason) = &rx.borrow_and_update().exit {
+                return reason.clone();
+            }
+            if rx.changed().await.is_err() {
+                return ExitReason::Vanished("the kernel handle was dropped".to_owned());
+            }
+        }
+    }
+
+    async fn signal_interrupt(&self) -> Result<(), SandboxError> {
+        let run = self.run.lock().await;
+        if run.shut_down {
+            return Err(control("interrupt", "the kernel was shut down".to_owned()));
+        }
+        // PID 1 is tini, which forwards the signal to the kernel process.
+        self.shared
+            .docker
+            .kill_container(
+                &run.container_id,
+                Some(KillContainerOptions {
+                    signal: "SIGINT".to_owned(),
+                }),
+            )
+            .await
+            .map_err(|err| control("interrupt", format!("cannot signal the container: {err}")))
+    }
+
+    async fn restart(&self) -> Result<(), SandboxError> {
+        let mut run = self.run.lock().await;
+        if run.shut_down {
+            return Err(control("restart", "the kernel was shut down".to_owned()));
+        }
+        let mut generation = 0;
+        self.state.send_modify(|state| {
+            state.generation += 1;
+            state.exit = None;
+            generation = state.generation;
+        });
+        if let Some(watcher) = run.watcher.take() {
+            watcher.abort();
+        }
+        let result = self.restart_container(&mut run).await;
+        match &result {
+            Ok(()) => {
+                run.watcher = Some(spawn_watcher(
+                    self.shared.docker.clone(),
+                    run.container_id.clone(),
+                    generation,
+                    self.state.clone(),
+                ));
+            }
+            Err(err) => {
+                let reason = ExitReason::Vanished(format!("restart failed: {err}"));
+                self.state.send_modify(|state| state.exit = Some(reason));
+            }
+        }
+        result
+    }
+
+    async fn shutdown(&self) -> Result<(), SandboxError> {
+        let mut run = self.run.lock().await;
+        if run.shut_down {
+            return Ok(());
+        }
+        self.state.send_modify(|state| {
+            state.generation += 1;
+            state.exit = Some(ExitReason::Vanished("shut down".to_owned()));
+        });
+        if let Some(watcher) = run.watcher.take() {
+            watcher.abort();
+        }
+        let docker = &self.shared.docker;
+        remove_container(docker, &run.container_id).await?;
+        if let Some(keeper) = &self.keeper_id {
+            remove_container(docker, keeper).await?;
+        }
+        if let Some(volume) = &self.volume {
+            remove_volume(docker, volume).await?;
+        }
+        self.dirs.remove()?;
+        run.shut_down = true;
+        Ok(())
+    }
+}
+
+impl DockerKernel {
+    /// Kills the current run and starts the container again (same mounts, so the working dir
+    /// and connection info stay); recreates the container if it was removed from outside.
+    async fn restart_container(&self, run: &mut Run) -> Result<(), SandboxError> {
+        let docker = &self.shared.docker;
+        if let Some(file) = &self.connection_file {
+            // The kernel may have rewritten or removed it; it must say exactly what we connect to.
+            let config = &self.shared.config;
+            self.dirs
+                .write_kernel_file(CONNECTION_FILE, file, config.uid, config.gid)?;
+        }
+        if let Some(keeper) = &self.keeper_id {
+            // Best effort: a keeper stopped from outside keeps nothing.
+            if let Err(err) = docker
+                .start_container(keeper, None::<StartContainerOptions>)
+                .await
+            {
+                tracing::debug!(%err, "cannot (re)start the working-dir keeper");
+            }
+        }
+        let options = RestartContainerOptions {
+            t: Some(0),
+            signal: None,
+        };
+        match docker
+            .restart_container(&run.container_id, Some(options))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(err) if is_not_found(&err) => {
+                let id = create(docker, self.body.clone()).await?;
+                run.container_id = id.clone();
+                start(docker, &id).await
+            }
+            Err(err) => Err(control(
+                "restart",
+                format!("cannot restart container {}: {err}", run.container_id),
+            )),
+        }
+    }
+}
+
+impl Drop for DockerKernel {
+    fn drop(&mut self) {
+        let run = self.run.get_mut();
+        if let Some(watcher) = run.watcher.take() {
+            watcher.abort();
+        }
+        if run.shut_down {
+            return;
+        }
+        // Dropped without shutdown: remove what we can in the background.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let docker = self.shared.docker.clone();
+        let mut containers = vec![run.container_id.clone()];
+        containers.extend(self.keeper_id.clone());
+        let volume = self.volume.clone();
+        let dirs = self.dirs.clone();
+        handle.spawn(async move {
+            for id in containers {
+                let _ = remove_container(&docker, &id).await;
+            }
+            if let Some(volume) = volume {
+                let _ = remove_volume(&docker, &volume).await;
+            }
+            let _ = dirs.remove();
+        });
+    }
+}

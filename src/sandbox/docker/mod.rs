@@ -1,0 +1,250 @@
+//! The Docker backend (bollard): one hardened container per session, talking to the server over
+//! ipc sockets in a bind-mounted per-session directory.
+//!
+//! - [`config`]: [`DockerConfig`], what an operator can tune.
+//! - [`image`]: the kernel image's tag (hash of the embedded build inputs) and its offline build.
+//! - [`container`]: what a kernel container looks like and [`DockerKernel`], its lifecycle.
+//! - [`state`]: the host side: state dir, instance id, per-session directories.
+
+mod config;
+mod container;
+mod image;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::query_parameters::{
+    ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
+};
+
+pub use config::{DockerConfig, KernelTransport, WorkDirStorage};
+pub use container::DockerKernel;
+pub use image::{IMAGE_REPOSITORY, ImageError, build_image, default_image_tag, image_exists};
+
+use super::{KernelProcess, LaunchSpec, Sandbox, SandboxError};
+
+/// Label on every container and volume kernelbox creates, so operators can find them all.
+pub const LABEL_MANAGED: &str = "kernelbox.managed";
+/// Label naming the server instance that owns a container; cleanup only touches its own.
+pub const LABEL_INSTANCE: &str = "kernelbox.instance";
+/// Label naming the session a container belongs to.
+pub const LABEL_SESSION: &str = "kernelbox.session";
+/// Label telling a session's kernel container (`kernel`) from its working-dir keeper (`keeper`).
+pub const LABEL_ROLE: &str = "kernelbox.role";
+
+/// What every part of the backend shares: the engine connection, the configuration and this
+/// server's instance id.
+#[derive(Debug)]
+struct Shared {
+    docker: Docker,
+    config: DockerConfig,
+    instance_id: String,
+    state: state::StateDir,
+}
+
+/// The Docker [`Sandbox`]: starts one hardened kernel container per session on a Docker engine.
+#[derive(Debug, Clone)]
+pub struct DockerSandbox {
+    shared: Arc<Shared>,
+}
+
+impl DockerSandbox {
+    /// Connects to the engine and checks that the kernel image is there, so a misconfigured
+    /// server fails at start with what to do ([`SandboxError::Unavailable`]) rather than at the
+    /// first session. Creates the state dir and reads (or creates) the instance id.
+    pub async fn new(config: DockerConfig) -> Result<Self, SandboxError> {
+        let docker = connect(config.docker_host.as_deref()).await?;
+        match image_exists(&docker, &config.image).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let hint = if config.image == default_image_tag() {
+                    "Build it with `kernelbox image build` (or `kernel-image/build.sh`)".to_owned()
+                } else {
+                    format!(
+                        "Pull or build {}, or leave the image setting at its default and run \
+                         `kernelbox image build`",
+                        config.image
+                    )
+                };
+                return Err(SandboxError::Unavailable {
+                    what: format!("kernel image {}", config.image),
+                    reason: "the Docker engine does not have it".to_owned(),
+                    hint,
+                });
+            }
+            Err(err) => {
+                return Err(SandboxError::Unavailable {
+                    what: format!("kernel image {}", config.image),
+                    reason: err.to_string(),
+                    hint: "Check that the Docker engine is healthy".to_owned(),
+                });
+            }
+        }
+        let state = state::StateDir::open(&config.state_dir)?;
+        let instance_id = match &config.instance_id {
+            Some(id) => state::validate_instance_id(id)?,
+            None => state.instance_id()?,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                docker,
+                config,
+                instance_id,
+                state,
+            }),
+        })
+    }
+
+    /// This server's instance id (the `kernelbox.instance` label of its containers).
+    pub fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DockerConfig {
+        &self.shared.config
+    }
+
+    /// Starts a kernel and returns it as the concrete type (tests and tools that need the
+    /// container id); [`Sandbox::launch`] boxes this.
+    pub async fn launch_kernel(&self, spec: &LaunchSpec) -> Result<DockerKernel, SandboxError> {
+        container::launch(self.shared.clone(), spec).await
+    }
+}
+
+/// Connects to the engine (`host`, else `DOCKER_HOST`, else the local socket), agrees on an API
+/// version and pings it.
+async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
+    let unavailable = |reason: String| SandboxError::Unavailable {
+        what: "the Docker engine".to_owned(),
+        reason,
+        hint: "Start Docker (or set DOCKER_HOST / the engine address), make sure this user may \
+               use its socket, or use the local backend"
+            .to_owned(),
+    };
+    let docker = match host {
+        Some(host) => Docker::connect_with_host(host),
+        None => Docker::connect_with_defaults(),
+    }
+    .map_err(|err| unavailable(format!("cannot connect: {err}")))?;
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|err| unavailable(format!("cannot reach it: {err}")))?;
+    docker
+        .ping()
+        .await
+        .map_err(|err| unavailable(format!("it does not answer: {err}")))?;
+    Ok(docker)
+}
+
+#[async_trait]
+impl Sandbox for DockerSandbox {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {
+        Ok(Box::new(self.launch_kernel(spec).await?))
+    }
+
+    /// Removes every container and volume labelled with this instance's id, and the session
+    /// directories. Returns how many kernel containers were removed.
+    async fn cleanup(&self) -> Result<usize, SandboxError> {
+        let shared = &self.shared;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_INSTANCE}={}", shared.instance_id)],
+        )]);
+        let containers = shared
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|err| control("clean up", format!("cannot list containers: {err}")))?;
+        let mut kernels = 0;
+        for summary in containers {
+            let Some(id) = summary.id else { continue };
+            remove_container(&shared.docker, &id).await?;
+            let is_kernel = summary
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_ROLE))
+                .is_none_or(|role| role == container::ROLE_KERNEL);
+            if is_kernel {
+                kernels += 1;
+            }
+        }
+        let volumes = shared
+            .docker
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|err| control("clean up", format!("cannot list volumes: {err}")))?;
+        for volume in volumes.volumes.unwrap_or_default() {
+            remove_volume(&shared.docker, &volume.name).await?;
+        }
+        shared.state.remove_all_sessions()?;
+        Ok(kernels)
+    }
+}
+
+/// A [`SandboxError::Control`] for `op`.
+fn control(op: &'static str, reason: String) -> SandboxError {
+    SandboxError::Control { op, reason }
+}
+
+/// Whether an engine error means "no such object".
+fn is_not_found(err: &bollard::errors::Error) -> bool {
+    matches!(
+        err,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// Force-removes a container (and its anonymous volumes); already gone is fine.
+async fn remove_container(docker: &Docker, id: &str) -> Result<(), SandboxError> {
+    match docker
+        .remove_container(
+            id,
+            Some(RemoveContainerOptions {
+                force: true,
+                v: true,
+                ..Default::default()
+            }),
+        )
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(err) if is_not_found(&err) => Ok(()),
+        Err(err) => Err(control(
+            "shut down",
+            format!("cannot remove container {id}: {err}"),
+        )),
+    }
+}
+
+/// Removes a volume; already gone is fine.
+async fn remove_volume(docker: &Docker, name: &str) -> Result<(), SandboxError> {
+    match docker
+        .remove_volume(name, Some(RemoveVolumeOptions { force: true }))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(err) if is_not_found(&err) => Ok(()),
+        Err(err) => Err(control(
+            "shut down",
+            format!("cannot remove volume {name}: {err}"),
+        )),
+    }
+}
