@@ -244,18 +244,15 @@ impl Actor {
         let cell = request.cell.clone();
         match self.state {
             KernelState::Dead | KernelState::Closed => {
-                self.reject(
-                    Some(cell),
-                    "the kernel is dead: send a restart first".into(),
-                );
+                self.reject_cell(cell, "the kernel is dead: send a restart first".into());
                 return;
             }
             _ => {}
         }
         if self.queue.len() >= self.opts.max_queue {
             let max = self.opts.max_queue;
-            self.reject(
-                Some(cell),
+            self.reject_cell(
+                cell,
                 format!("the queue is full ({max} cells wait already)"),
             );
             return;
@@ -523,7 +520,11 @@ impl Actor {
     /// to finish is not left waiting.
     fn reject_cell(&mut self, cell: Arc<str>, message: String) {
         self.reject(Some(cell.clone()), message);
-        let done = EventKind::Done { status: "rejected", execution_count: None, duration_ms: 0 };
+        let done = EventKind::Done {
+            status: "rejected",
+            execution_count: None,
+            duration_ms: 0,
+        };
         self.emit(Some(cell), done);
     }
 
