@@ -1,2 +1,184 @@
-//! The `kernelbox` command line.
-fn main() {}
+//! The `kernelbox` command line: `serve`, `setup`, `schema`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kernelbox::api::{self, AppState, Token};
+use kernelbox::sandbox::Sandbox;
+use kernelbox::sandbox::local::{LocalSandbox, venv};
+use kernelbox::session::{SessionManager, SessionOptions};
+
+/// A server that gives every client session its own sandboxed Jupyter kernel.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Create the local backend's Python venv (ipykernel, matplotlib, numpy, pandas).
+    Setup {
+        /// The python used to create the venv.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+    },
+    /// Print the native protocol's JSON Schema (or write it to a file).
+    Schema {
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    /// Docker when an engine answers, else local.
+    Auto,
+    /// Plain local processes (no isolation; for development).
+    Local,
+    /// A hardened container per session.
+    Docker,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KERNELBOX_BIND", default_value = "127.0.0.1:8888")]
+    bind: SocketAddr,
+    /// API token; generated and printed when not set.
+    #[arg(long, env = "KERNELBOX_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where kernels run.
+    #[arg(long, env = "KERNELBOX_BACKEND", value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Python with ipykernel for the local backend (default: the venv `kernelbox setup` makes).
+    #[arg(long, env = "KERNELBOX_PYTHON")]
+    python: Option<PathBuf>,
+    /// Most sessions at once.
+    #[arg(long, env = "KERNELBOX_MAX_SESSIONS", default_value_t = 256)]
+    max_sessions: usize,
+    /// Print logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Setup { python } => venv::ensure(&python)
+            .await
+            .map(|p| {
+                println!("kernel python: {}", p.display());
+            })
+            .map_err(|e| e.to_string()),
+        Command::Schema { out } => schema(out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("kernelbox: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KERNELBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn local_sandbox(python: Option<PathBuf>) -> Result<Arc<dyn Sandbox>, String> {
+    let python = match python {
+        Some(p) => p,
+        None => venv::ensure(std::path::Path::new("python3"))
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    let sandbox =
+        LocalSandbox::new(python, kernelbox::config::state_dir()).map_err(|e| e.to_string())?;
+    Ok(Arc::new(sandbox))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    init_logging(args.log_json);
+    let sandbox = match args.backend {
+        Backend::Auto | Backend::Local => local_sandbox(args.python).await?,
+        Backend::Docker => return Err("the docker backend is not built yet".into()),
+    };
+    let options = SessionOptions {
+        max_sessions: args.max_sessions,
+        ..SessionOptions::default()
+    };
+    let sessions = SessionManager::new(sandbox, options);
+    let token = match &args.token {
+        Some(t) if !t.is_empty() => Token::new(t),
+        _ => {
+            let token = Token::generate();
+            eprintln!("kernelbox: no --token given; generated one for this run:");
+            eprintln!("    {}", token.expose());
+            token
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, backend = sessions.backend(), "kernelbox listening");
+    eprintln!(
+        "kernelbox: serving on http://{addr}/ ({} backend)",
+        sessions.backend()
+    );
+    let state = AppState {
+        sessions: sessions.clone(),
+        token,
+    };
+    let result = api::serve(listener, state, shutdown_signal()).await;
+    tracing::info!("shutting down: closing every session");
+    sessions.shutdown().await;
+    result.map_err(|e| format!("server failed: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+fn schema(out: Option<PathBuf>) -> Result<(), String> {
+    let text = kernelbox::api::native::protocol::schema_text();
+    match out {
+        Some(path) => {
+            std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The kernel client: owns the ZeroMQ sockets of one kernel, proves it ready, and turns the
 //! channels into one ordered stream of incoming messages for the session that owns it.
 //!
-//! CONTRACT (skeleton; the wire-client work fills in the bodies):
+//! CONTRACT:
 //! - `connect` subscribes iopub to "" *before* connecting it, connects shell/stdin (DEALERs
 //!   sharing one identity), control (DEALER), heartbeat; then loops `kernel_info_request` on shell
 //!   until an iopub `status` whose parent is one of those requests arrives AND its
@@ -14,14 +14,47 @@
 //!   it sends `Incoming::HeartbeatLost` once.
 //! - Dropping the client stops all its tasks and closes all sockets. After a kernel restart the
 //!   session makes a new client (old sockets do not reconnect).
+//!
+//! When the kernel process goes away (its sockets close), each socket task notices its peer's
+//! disconnection and ends: `send` then fails with `KernelError::Closed` instead of queueing into
+//! a socket nobody reads, and once every task has ended the `Incoming` receiver yields `None`
+//! (after everything read before the disconnection). A send racing the death may still return
+//! `Ok` with the message lost. A *stopped* (not dead) kernel keeps its sockets open: that case is
+//! what `HeartbeatLost` is for.
+//!
+//! Readiness chatter (the `kernel_info_request`s sent by `connect`, their replies and the iopub
+//! status messages they cause, even late ones) never reaches the `Incoming` channel: those
+//! requests carry a msg_id prefix private to this client.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use zeromq::util::PeerIdentity;
+use zeromq::{
+    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
+    ZmqMessage,
+};
 
-use super::connection::ConnectionInfo;
+use super::codec::{self, CodecError};
+use super::connection::{ConnectionInfo, Transport};
 use super::message::{Channel, Header, Message};
+use super::signer::{Signer, SignerError};
+
+/// How often `connect` re-sends `kernel_info_request` until the kernel answers on shell and iopub.
+const READY_RETRY: Duration = Duration::from_millis(150);
+/// How often `connect` probes an endpoint that does not accept connections yet. The zeromq crate's
+/// own retry backs off exponentially from 50 ms, which adds up to ~0.7 s when the kernel is still
+/// starting; a plain socket probe at this interval finds the kernel within a few ms of its bind.
+const PROBE_INTERVAL: Duration = Duration::from_millis(10);
+/// Queue of outgoing messages per socket task.
+const OUTGOING_CAPACITY: usize = 64;
+/// Queue of readiness replies during `connect`.
+const READY_CAPACITY: usize = 256;
 
 /// Errors of the wire client, each with what failed and where.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +75,28 @@ pub enum KernelError {
     /// The client's sockets are gone (kernel died or client closed).
     #[error("kernel connection closed")]
     Closed,
+    /// The connection file's key or signature scheme is unusable.
+    #[error("cannot sign messages: {0}")]
+    Signer(#[from] SignerError),
+    /// A message could not be encoded for the wire.
+    #[error("cannot encode message: {0}")]
+    Codec(#[from] CodecError),
+    /// `send` was asked to use a channel clients cannot send on (iopub, heartbeat).
+    #[error("cannot send on the {0} channel (only shell, control and stdin)")]
+    WrongChannel(&'static str),
+    /// The socket refused the message for another reason than a vanished peer.
+    #[error("cannot send on {channel}: {reason}")]
+    Send {
+        /// Which channel.
+        channel: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Something the kernel said (or the heartbeat noticed), in arrival order per channel.
+// Nearly every value is a `Message`; boxing it would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Incoming {
     /// A verified message from `channel` (shell, iopub, stdin or control).
@@ -86,6 +138,12 @@ impl Default for ClientOptions {
 pub struct KernelClient {
     session: String,
     kernel_info: Value,
+    signer: Signer,
+    shell: mpsc::Sender<Outgoing>,
+    control: mpsc::Sender<Outgoing>,
+    stdin: mpsc::Sender<Outgoing>,
+    /// Aborts every socket task when the client is dropped.
+    _tasks: Tasks,
 }
 
 impl KernelClient {
@@ -95,8 +153,54 @@ impl KernelClient {
         info: &ConnectionInfo,
         opts: ClientOptions,
     ) -> Result<(KernelClient, mpsc::Receiver<Incoming>), KernelError> {
-        let _ = (info, opts);
-        todo!("wire client")
+        let deadline = Instant::now() + opts.ready_timeout;
+        let not_ready = KernelError::NotReady(opts.ready_timeout);
+        let signer = Signer::from_connection(info)?;
+        let session = uuid::Uuid::new_v4().to_string();
+        let ready_prefix = format!("kernelbox-ready-{session}-");
+
+        let sockets = tokio::time::timeout_at(deadline, connect_sockets(info, deadline))
+            .await
+            .map_err(|_| KernelError::NotReady(opts.ready_timeout))??;
+
+        let (incoming_tx, incoming_rx) = mpsc::channel(opts.incoming_capacity.max(1));
+        let (ready_tx, ready_rx) = mpsc::channel(READY_CAPACITY);
+        let mut tasks = Tasks(Vec::with_capacity(5));
+        let reader = |channel| Reader {
+            channel,
+            signer: signer.clone(),
+            incoming: incoming_tx.clone(),
+            ready_prefix: ready_prefix.clone(),
+            ready: ready_tx.clone(),
+        };
+
+        tasks.spawn(run_iopub(sockets.iopub, reader(Channel::IoPub)));
+        let shell = tasks.spawn_dealer(sockets.shell, reader(Channel::Shell));
+        let stdin = tasks.spawn_dealer(sockets.stdin, reader(Channel::Stdin));
+        let control = tasks.spawn_dealer(sockets.control, reader(Channel::Control));
+        drop(ready_tx);
+
+        let mut client = KernelClient {
+            session,
+            kernel_info: Value::Null,
+            signer,
+            shell,
+            control,
+            stdin,
+            _tasks: tasks,
+        };
+        client.kernel_info =
+            tokio::time::timeout_at(deadline, client.await_ready(&ready_prefix, ready_rx))
+                .await
+                .map_err(|_| not_ready)??;
+
+        client._tasks.spawn(run_heartbeat(
+            sockets.heartbeat,
+            opts.heartbeat_interval,
+            opts.heartbeat_misses.max(1),
+            incoming_tx,
+        ));
+        Ok((client, incoming_rx))
     }
 
     /// Our Jupyter session id (the `session` field of headers we send).
@@ -109,11 +213,30 @@ impl KernelClient {
         &self.kernel_info
     }
 
+    /// Whether the shell socket's task has ended (kernel gone or client closing): a cheap check
+    /// before queueing work that `send` would refuse anyway.
+    pub fn is_closed(&self) -> bool {
+        self.shell.is_closed()
+    }
+
     /// Signs and sends a message built by the caller on `channel` (shell, control or stdin).
-    /// Returns the header's `msg_id`.
+    /// Returns the header's `msg_id`. Errors with `Closed` once the socket's task has ended.
     pub async fn send(&self, channel: Channel, msg: Message) -> Result<String, KernelError> {
-        let _ = (channel, msg);
-        todo!("wire client")
+        let queue = match channel {
+            Channel::Shell => &self.shell,
+            Channel::Control => &self.control,
+            Channel::Stdin => &self.stdin,
+            Channel::IoPub | Channel::Heartbeat => {
+                return Err(KernelError::WrongChannel(channel.as_str()));
+            }
+        };
+        let frames = codec::encode(&msg, &self.signer)?;
+        let frames = ZmqMessage::try_from(frames).map_err(|e| KernelError::Send {
+            channel: channel.as_str(),
+            reason: e.to_string(),
+        })?;
+        enqueue(queue, frames).await?;
+        Ok(msg.header.msg_id)
     }
 
     /// Convenience: builds a message of `msg_type` with `content` (and optional parent) in our
@@ -128,5 +251,356 @@ impl KernelClient {
         let mut msg = Message::new(msg_type, &self.session, content);
         msg.parent_header = parent.cloned();
         self.send(channel, msg).await
+    }
+
+    /// Sends `kernel_info_request`s until one has both its iopub `status` and its shell reply;
+    /// returns that reply's content.
+    async fn await_ready(
+        &self,
+        ready_prefix: &str,
+        mut replies: mpsc::Receiver<(Channel, Message)>,
+    ) -> Result<Value, KernelError> {
+        let mut retry = tokio::time::interval(READY_RETRY);
+        retry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut with_status = std::collections::HashSet::new();
+        let mut with_reply = std::collections::HashMap::new();
+        loop {
+            tokio::select! {
+                _ = retry.tick() => {
+                    let mut msg = Message::new("kernel_info_request", &self.session,
+                        Value::Object(Default::default()));
+                    msg.header.msg_id = format!("{ready_prefix}{}", uuid::Uuid::new_v4());
+                    self.send(Channel::Shell, msg).await?;
+                }
+                got = replies.recv() => {
+                    let (channel, msg) = got.ok_or(KernelError::Closed)?;
+                    let Some(parent) = msg.parent_id().map(str::to_owned) else { continue };
+                    match (channel, msg.msg_type()) {
+                        (Channel::IoPub, "status") => {
+                            if let Some(info) = with_reply.remove(&parent) {
+                                return Ok(info);
+                            }
+                            with_status.insert(parent);
+                        }
+                        (Channel::Shell, "kernel_info_reply") => {
+                            if with_status.contains(&parent) {
+                                return Ok(msg.content);
+                            }
+                            with_reply.insert(parent, msg.content);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A message for a socket task to send, and where to report the socket's verdict.
+struct Outgoing {
+    frames: ZmqMessage,
+    ack: oneshot::Sender<Result<(), KernelError>>,
+}
+
+/// Hands frames to a socket task and waits for the socket to take them.
+async fn enqueue(queue: &mpsc::Sender<Outgoing>, frames: ZmqMessage) -> Result<(), KernelError> {
+    let (ack, done) = oneshot::channel();
+    queue
+        .send(Outgoing { frames, ack })
+        .await
+        .map_err(|_| KernelError::Closed)?;
+    done.await.map_err(|_| KernelError::Closed)?
+}
+
+/// The client's tasks; dropping this aborts them all, which drops (closes) their sockets.
+struct Tasks(Vec<AbortHandle>);
+
+impl Tasks {
+    /// Spawns a task that lives no longer than the client.
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task).abort_handle());
+    }
+
+    /// Spawns the task owning a request/reply DEALER; returns its outgoing queue.
+    fn spawn_dealer(
+        &mut self,
+        socket: Monitored<DealerSocket>,
+        reader: Reader,
+    ) -> mpsc::Sender<Outgoing> {
+        let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
+        self.spawn(run_dealer(socket, rx, reader));
+        tx
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// A connected socket and the monitor that reports its peer's disconnection.
+struct Monitored<S> {
+    socket: S,
+    events: futures::channel::mpsc::Receiver<SocketEvent>,
+}
+
+/// Resolves when a socket's peer has disconnected (or its monitor is gone); skips other events.
+async fn peer_gone(events: &mut futures::channel::mpsc::Receiver<SocketEvent>) {
+    while let Some(event) = events.next().await {
+        if matches!(event, SocketEvent::Disconnected(_)) {
+            return;
+        }
+    }
+}
+
+/// The five connected sockets, before their tasks start.
+struct Sockets {
+    iopub: Monitored<SubSocket>,
+    shell: Monitored<DealerSocket>,
+    stdin: Monitored<DealerSocket>,
+    control: Monitored<DealerSocket>,
+    heartbeat: Monitored<DealerSocket>,
+}
+
+/// Creates and connects every socket concurrently: iopub subscribed first, shell and stdin
+/// sharing one routing identity (the kernel answers `input_request`s to that identity).
+async fn connect_sockets(info: &ConnectionInfo, deadline: Instant) -> Result<Sockets, KernelError> {
+    let identity = PeerIdentity::new();
+    let with_identity = |id: Option<&PeerIdentity>| {
+        let mut options = SocketOptions::default();
+        // Our own deadline bounds connecting; the crate's 30 s default must not cut it short.
+        options.no_connect_timeout();
+        if let Some(id) = id {
+            options.peer_identity(id.clone());
+        }
+        options
+    };
+
+    let mut iopub = SubSocket::with_options(with_identity(None));
+    iopub
+        .subscribe("")
+        .await
+        .map_err(|e| connect_error(info, Channel::IoPub, e.to_string()))?;
+    let shell = DealerSocket::with_options(with_identity(Some(&identity)));
+    let stdin = DealerSocket::with_options(with_identity(Some(&identity)));
+    let control = DealerSocket::with_options(with_identity(None));
+    let heartbeat = DealerSocket::with_options(with_identity(None));
+
+    let (iopub, shell, stdin, control, heartbeat) = tokio::try_join!(
+        connect_one(iopub, info, Channel::IoPub, deadline),
+        connect_one(shell, info, Channel::Shell, deadline),
+        connect_one(stdin, info, Channel::Stdin, deadline),
+        connect_one(control, info, Channel::Control, deadline),
+        connect_one(heartbeat, info, Channel::Heartbeat, deadline),
+    )?;
+    Ok(Sockets {
+        iopub,
+        shell,
+        stdin,
+        control,
+        heartbeat,
+    })
+}
+
+/// Waits until `channel`'s endpoint accepts connections, then does the ZMTP handshake.
+async fn connect_one<S: Socket>(
+    mut socket: S,
+    info: &ConnectionInfo,
+    channel: Channel,
+    deadline: Instant,
+) -> Result<Monitored<S>, KernelError> {
+    wait_listening(info, channel, deadline).await;
+    let events = socket.monitor();
+    socket
+        .connect(&info.endpoint(channel))
+        .await
+        .map_err(|e| connect_error(info, channel, e.to_string()))?;
+    Ok(Monitored { socket, events })
+}
+
+/// Polls the endpoint with plain socket connects until it is listening (or the probe fails for
+/// another reason than "not there yet", which the ZeroMQ connect will then report).
+async fn wait_listening(info: &ConnectionInfo, channel: Channel, deadline: Instant) {
+    use std::io::ErrorKind;
+    loop {
+        let probe = match info.transport {
+            Transport::Tcp => {
+                tokio::net::TcpStream::connect((info.ip.as_str(), info.port(channel)))
+                    .await
+                    .map(drop)
+            }
+            Transport::Ipc => tokio::net::UnixStream::connect(info.ipc_path(channel))
+                .await
+                .map(drop),
+        };
+        match probe {
+            Err(e)
+                if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound)
+                    && Instant::now() + PROBE_INTERVAL < deadline =>
+            {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+fn connect_error(info: &ConnectionInfo, channel: Channel, reason: String) -> KernelError {
+    KernelError::Connect {
+        channel: channel.as_str(),
+        endpoint: info.endpoint(channel),
+        reason,
+    }
+}
+
+/// What a socket task needs to turn frames into `Incoming` messages.
+struct Reader {
+    channel: Channel,
+    signer: Signer,
+    incoming: mpsc::Sender<Incoming>,
+    /// msg_id prefix of this client's readiness requests.
+    ready_prefix: String,
+    /// Where readiness replies go while `connect` waits for them (closed afterwards).
+    ready: mpsc::Sender<(Channel, Message)>,
+}
+
+impl Reader {
+    /// Verifies and decodes `frames`, then routes the message: readiness chatter to `connect`
+    /// (or nowhere), everything else to the `Incoming` channel, waiting for room there.
+    async fn deliver(&self, frames: ZmqMessage) {
+        let msg = match codec::decode(frames.into_vec(), &self.signer) {
+            Ok(msg) => msg,
+            Err(error) => {
+                tracing::warn!(channel = self.channel.as_str(), %error, "dropping kernel message");
+                return;
+            }
+        };
+        if msg
+            .parent_id()
+            .is_some_and(|id| id.starts_with(&self.ready_prefix))
+        {
+            let _ = self.ready.try_send((self.channel, msg));
+            return;
+        }
+        let channel = self.channel;
+        // A dropped receiver means nobody listens any more: keep draining, discard.
+        let _ = self.incoming.send(Incoming::Message { channel, msg }).await;
+    }
+}
+
+/// Drains iopub as fast as the `Incoming` channel takes messages, until the kernel disconnects.
+async fn run_iopub(mut sub: Monitored<SubSocket>, reader: Reader) {
+    loop {
+        tokio::select! {
+            biased;
+            received = sub.socket.recv() => match received {
+                Ok(frames) => reader.deliver(frames).await,
+                Err(error) => {
+                    tracing::warn!(channel = "iopub", %error, "socket failed; stopping");
+                    return;
+                }
+            },
+            () = peer_gone(&mut sub.events) => {
+                tracing::debug!(channel = "iopub", "kernel disconnected");
+                return;
+            }
+        }
+    }
+}
+
+/// Owns a DEALER: sends what `send` queues, reads replies, until the kernel disconnects or the
+/// client is dropped.
+async fn run_dealer(
+    mut dealer: Monitored<DealerSocket>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+    reader: Reader,
+) {
+    let channel = reader.channel.as_str();
+    loop {
+        tokio::select! {
+            biased;
+            out = outgoing.recv() => {
+                let Some(Outgoing { frames, ack }) = out else { return };
+                let result = dealer.socket.send(frames).await.map_err(|e| send_error(channel, e));
+                let _ = ack.send(result);
+            }
+            received = dealer.socket.recv() => match received {
+                Ok(frames) => reader.deliver(frames).await,
+                Err(error) => {
+                    tracing::warn!(channel, %error, "socket failed; stopping");
+                    return;
+                }
+            },
+            () = peer_gone(&mut dealer.events) => {
+                tracing::debug!(channel, "kernel disconnected");
+                return;
+            }
+        }
+    }
+}
+
+/// A socket send error as the caller should see it: a vanished peer is `Closed`.
+fn send_error(channel: &'static str, error: ZmqError) -> KernelError {
+    match error {
+        ZmqError::ReturnToSender { .. } => KernelError::Closed,
+        other => KernelError::Send {
+            channel,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Pings the heartbeat every `interval` (an empty delimiter frame + a sequence payload, which the
+/// kernel's ROUTER echoes); after `max_misses` unanswered pings in a row reports `HeartbeatLost`
+/// once and stops. A DEALER is used rather than REQ because REQ's recv is not cancel-safe.
+async fn run_heartbeat(
+    mut hb: Monitored<DealerSocket>,
+    interval: Duration,
+    max_misses: u32,
+    incoming: mpsc::Sender<Incoming>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut misses = 0;
+    for seq in 0u64.. {
+        ticker.tick().await;
+        let payload = Bytes::from(format!("kernelbox-hb-{seq}"));
+        let ping = ZmqMessage::try_from(vec![Bytes::new(), payload.clone()]);
+        let sent = match ping {
+            Ok(ping) => hb.socket.send(ping).await.is_ok(),
+            Err(_) => false,
+        };
+        let answered = sent
+            && tokio::time::timeout(interval, async {
+                loop {
+                    tokio::select! {
+                        biased;
+                        received = hb.socket.recv() => match received {
+                            Ok(pong) if pong.iter().last() == Some(&payload) => return Some(()),
+                            Ok(_) => {} // a late answer to an earlier ping
+                            Err(_) => return None,
+                        },
+                        () = peer_gone(&mut hb.events) => return None,
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if answered {
+            misses = 0;
+            continue;
+        }
+        misses += 1;
+        tracing::debug!(misses, "heartbeat ping unanswered");
+        if misses >= max_misses {
+            tracing::warn!(misses, "kernel heartbeat lost");
+            let _ = incoming.send(Incoming::HeartbeatLost).await;
+            return;
+        }
     }
 }

@@ -66,15 +66,25 @@ impl ConnectionInfo {
         }
     }
 
-    /// The ZeroMQ endpoint of one channel.
-    pub fn endpoint(&self, channel: Channel) -> String {
-        let port = match channel {
+    /// The port (tcp) or socket-path suffix (ipc) of one channel.
+    pub fn port(&self, channel: Channel) -> u16 {
+        match channel {
             Channel::Shell => self.shell_port,
             Channel::IoPub => self.iopub_port,
             Channel::Stdin => self.stdin_port,
             Channel::Control => self.control_port,
             Channel::Heartbeat => self.hb_port,
-        };
+        }
+    }
+
+    /// The unix socket path of one channel of an ipc connection (`{ip}-{port}`).
+    pub fn ipc_path(&self, channel: Channel) -> std::path::PathBuf {
+        format!("{}-{}", self.ip, self.port(channel)).into()
+    }
+
+    /// The ZeroMQ endpoint of one channel.
+    pub fn endpoint(&self, channel: Channel) -> String {
+        let port = self.port(channel);
         match self.transport {
             Transport::Tcp => format!("tcp://{}:{}", self.ip, port),
             Transport::Ipc => format!("ipc://{}-{}", self.ip, port),

@@ -1,1 +1,52 @@
-//! Sessions: one kernel + its ordered execution queue, subscribers and lifecycle.
+//! Sessions: a session is one kernel + its ordered execution queue, its subscribers and its
+//! lifecycle. The [`SessionManager`] holds them all; each runs as one actor task.
+
+mod actor;
+pub mod events;
+mod handle;
+pub mod manager;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+pub use events::{EventKind, KernelState, SessionEvent};
+pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
+pub use manager::{CreateSession, SessionManager};
+
+use crate::kernel::{ClientOptions, Incoming, KernelClient};
+use crate::sandbox::KernelProcess;
+
+/// Tunables of every session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Wire-client options (readiness timeout, heartbeat).
+    pub client: ClientOptions,
+    /// Cells that may wait behind the running one.
+    pub max_queue: usize,
+    /// Events a subscriber may fall behind before it is told it lost some.
+    pub subscriber_capacity: usize,
+    /// How long a control-channel interrupt may take before SIGINT is sent instead.
+    pub interrupt_grace: Duration,
+    /// Most sessions the server runs at once.
+    pub max_sessions: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            client: ClientOptions::default(),
+            max_queue: 1000,
+            subscriber_capacity: 4096,
+            interrupt_grace: Duration::from_secs(1),
+            max_sessions: 256,
+        }
+    }
+}
+
+/// A kernel handed to a session: its process, and a connected ready client when it comes
+/// from the warm pool.
+pub(crate) struct Kernel {
+    pub process: Box<dyn KernelProcess>,
+    pub client: Option<(KernelClient, mpsc::Receiver<Incoming>)>,
+}

@@ -1,0 +1,71 @@
+//! `AppError`: every failure a handler can return, as an HTTP status and a JSON body
+//! `{"error": "<what was wrong>"}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::sandbox::SandboxError;
+use crate::session::SessionError;
+
+/// A failed request: the status to answer with and a message that says what was wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AppError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What the client should know.
+    pub message: String,
+}
+
+impl AppError {
+    /// A 401 with a hint on how to authenticate.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or wrong token: send `Authorization: Bearer <token>`".into(),
+        }
+    }
+
+    /// A 404 for an unknown session.
+    pub fn no_session(id: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no session {id}"),
+        }
+    }
+
+    /// A 400 for a malformed request body.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<SessionError> for AppError {
+    fn from(e: SessionError) -> Self {
+        let status = match &e {
+            SessionError::NotFound(_) => StatusCode::NOT_FOUND,
+            SessionError::Closed(_) => StatusCode::GONE,
+            SessionError::Overloaded(_) | SessionError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
+            SessionError::Sandbox(SandboxError::Policy(_)) => StatusCode::FORBIDDEN,
+            SessionError::Sandbox(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,216 @@
+//! The native WebSocket protocol at `/v1/sessions/{id}/ws`: JSON commands in, JSON events out.
+//! One task reads the client's frames, one writes the session's events; a slow client only
+//! ever delays itself.
+
+pub mod protocol;
+pub mod render;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
+use self::render::{EMPTY_LIST, render};
+use super::AppState;
+use super::error::AppError;
+use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError};
+
+/// Largest frame a client may send.
+const MAX_CLIENT_FRAME: usize = 16 << 20;
+
+/// `GET /v1/sessions/{id}/ws`: upgrades to the native protocol (404 for unknown sessions).
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let session = state
+        .sessions
+        .get(&id)
+        .ok_or_else(|| AppError::no_session(&id))?;
+    Ok(ws
+        .max_message_size(MAX_CLIENT_FRAME)
+        .on_upgrade(move |socket| connection(socket, session)))
+}
+
+/// Serves one WebSocket client of `session` until either side closes.
+async fn connection(socket: WebSocket, session: Arc<Session>) {
+    let mut events = session.subscribe();
+    let (mut sink, mut stream) = socket.split();
+    let (replies_tx, mut replies_rx) = mpsc::channel::<String>(64);
+
+    let state = session.info().state;
+    let hello = ServerMessage {
+        seq: None,
+        id: None,
+        event: ServerEvent::Kernel {
+            state,
+            reason: None,
+        },
+    };
+    if let Ok(text) = serde_json::to_string(&hello) {
+        let _ = replies_tx.send(text).await;
+    }
+
+    let writer = async move {
+        loop {
+            let text = tokio::select! {
+                reply = replies_rx.recv() => match reply {
+                    Some(text) => text,
+                    None => break,
+                },
+                event = events.recv() => match event {
+                    Ok(event) => match render(&event).map(|m| serde_json::to_string(&m)) {
+                        Some(Ok(text)) => text,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "cannot encode event");
+                            continue;
+                        }
+                        None => continue,
+                    },
+                    Err(RecvError::Lagged(missed)) => local_error(
+                        None,
+                        "Lagged",
+                        &format!("this connection fell behind and missed {missed} events"),
+                    ),
+                    Err(RecvError::Closed) => break,
+                },
+            };
+            if sink.send(WsMessage::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+
+    let reader = async move {
+        while let Some(frame) = stream.next().await {
+            let reply = match frame {
+                Ok(WsMessage::Text(text)) => handle_text(&session, text.as_str()),
+                Ok(WsMessage::Binary(_)) => Some(local_error(
+                    None,
+                    "InvalidMessage",
+                    "binary frames are not part of the protocol: send JSON text frames",
+                )),
+                Ok(WsMessage::Close(_)) | Err(_) => break,
+                Ok(_) => None,
+            };
+            if let Some(reply) = reply
+                && tokio::time::timeout(Duration::from_secs(5), replies_tx.send(reply))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+    };
+
+    tokio::select! {
+        () = writer => {},
+        () = reader => {},
+    }
+}
+
+/// Parses and carries out one client frame; returns an error reply for this client if any.
+fn handle_text(session: &Session, text: &str) -> Option<String> {
+    let message: ClientMessage = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            return Some(local_error(
+                None,
+                "InvalidMessage",
+                &format!("invalid message: {e}"),
+            ));
+        }
+    };
+    let (id, result) = match message {
+        ClientMessage::Execute {
+            id,
+            code,
+            silent,
+            store_history,
+            allow_stdin,
+            timeout_s,
+        } => {
+            let timeout = match timeout_s {
+                None => None,
+                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(t) => {
+                    return Some(local_error(
+                        id.as_deref(),
+                        "InvalidMessage",
+                        &format!("timeout_s must be a positive number of seconds, not {t}"),
+                    ));
+                }
+            };
+            let cell: Arc<str> = id.unwrap_or_else(new_id).into();
+            let request = ExecuteRequest {
+                cell: cell.clone(),
+                code,
+                silent,
+                store_history: store_history.unwrap_or(!silent),
+                allow_stdin: allow_stdin.unwrap_or(true),
+                timeout,
+            };
+            (Some(cell), session.execute(request))
+        }
+        ClientMessage::Interrupt {} => (None, session.interrupt()),
+        ClientMessage::Restart {} => (None, session.restart()),
+        ClientMessage::InputReply { value } => (None, session.input_reply(value)),
+        ClientMessage::Complete { id, code, cursor } => {
+            let id: Arc<str> = id.unwrap_or_else(new_id).into();
+            let query = CodeQuery {
+                id: id.clone(),
+                code,
+                cursor,
+                detail_level: 0,
+            };
+            (Some(id), session.complete(query))
+        }
+        ClientMessage::Inspect {
+            id,
+            code,
+            cursor,
+            detail_level,
+        } => {
+            let id: Arc<str> = id.unwrap_or_else(new_id).into();
+            let query = CodeQuery {
+                id: id.clone(),
+                code,
+                cursor,
+                detail_level,
+            };
+            (Some(id), session.inspect(query))
+        }
+    };
+    result
+        .err()
+        .map(|e: SessionError| local_error(id.as_deref(), "Rejected", &e.to_string()))
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// An `error` event for this connection only (no sequence number).
+fn local_error(id: Option<&str>, ename: &str, evalue: &str) -> String {
+    let message = ServerMessage {
+        seq: None,
+        id,
+        event: ServerEvent::Error {
+            ename,
+            evalue,
+            traceback: &EMPTY_LIST,
+        },
+    };
+    serde_json::to_string(&message).unwrap_or_else(|_| {
+        r#"{"type":"error","ename":"InternalError","evalue":"cannot encode error","traceback":[]}"#
+            .to_owned()
+    })
+}

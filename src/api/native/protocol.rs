@@ -1,0 +1,214 @@
+//! The native event protocol: every message, both ways, is one JSON object in a text frame
+//! whose `type` field names it. These types are the single source of truth for the wire format;
+//! `protocol/native.schema.json` is generated from them (`kernelbox schema`) and a test fails when
+//! the checked-in copy differs.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::session::KernelState;
+
+/// A message from a client to the server.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Queue a cell. Cells run one at a time in the order they arrive.
+    Execute {
+        /// The client's id for the cell, echoed on each of its events (generated when absent).
+        #[serde(default)]
+        id: Option<String>,
+        /// The code to run.
+        code: String,
+        /// Run quietly: no output broadcast, no execution count.
+        #[serde(default)]
+        silent: bool,
+        /// Record the cell in the kernel's history (default true).
+        #[serde(default)]
+        store_history: Option<bool>,
+        /// Let the cell call `input()` (default true).
+        #[serde(default)]
+        allow_stdin: Option<bool>,
+        /// Interrupt the cell after this many seconds.
+        #[serde(default)]
+        timeout_s: Option<f64>,
+    },
+    /// Interrupt the running cell.
+    Interrupt {},
+    /// Restart the kernel: variables are lost, running and queued cells are aborted.
+    Restart {},
+    /// Answer the pending `input()` prompt.
+    InputReply {
+        /// The line typed.
+        value: String,
+    },
+    /// Ask for completions at `cursor`.
+    Complete {
+        /// The client's id for the request, echoed on the reply.
+        #[serde(default)]
+        id: Option<String>,
+        /// The code.
+        code: String,
+        /// Cursor position in unicode code points.
+        cursor: usize,
+    },
+    /// Ask for documentation of the object at `cursor`.
+    Inspect {
+        /// The client's id for the request, echoed on the reply.
+        #[serde(default)]
+        id: Option<String>,
+        /// The code.
+        code: String,
+        /// Cursor position in unicode code points.
+        cursor: usize,
+        /// 0 for the signature and docstring, 1 for source as well.
+        #[serde(default)]
+        detail_level: u8,
+    },
+}
+
+/// A message from the server to a client: an event and its place in the session's order.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ServerMessage<'a> {
+    /// The session's sequence number of the event (absent on replies to this connection only,
+    /// such as errors about a bad frame).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The id of the cell or request the event belongs to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
+    /// The event.
+    #[serde(flatten)]
+    pub event: ServerEvent<'a>,
+}
+
+/// The events a client receives. Fields holding kernel data borrow from the kernel's message:
+/// nothing is copied per subscriber.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerEvent<'a> {
+    /// The cell was queued; `position` cells run before it.
+    Accepted {
+        /// Cells ahead of it (0: it runs now).
+        position: usize,
+    },
+    /// The kernel's busy/idle status while it works on the cell.
+    Status {
+        /// `busy` or `idle`.
+        state: &'a str,
+    },
+    /// Text the cell printed.
+    Stream {
+        /// `stdout` or `stderr`.
+        name: &'a str,
+        /// The text.
+        text: &'a str,
+    },
+    /// Rich output (images, HTML, …) by MIME type; PNGs are base64.
+    DisplayData {
+        /// MIME type → content.
+        data: &'a Value,
+        /// MIME type → metadata.
+        metadata: &'a Value,
+        /// `display_id` and other transient data.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transient: Option<&'a Value>,
+    },
+    /// Replaces an earlier display with the same `transient.display_id`.
+    UpdateDisplayData {
+        /// MIME type → content.
+        data: &'a Value,
+        /// MIME type → metadata.
+        metadata: &'a Value,
+        /// Holds the `display_id` to update.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transient: Option<&'a Value>,
+    },
+    /// The value of the cell's last expression.
+    ExecuteResult {
+        /// The cell's execution count.
+        execution_count: Option<i64>,
+        /// MIME type → content.
+        data: &'a Value,
+        /// MIME type → metadata.
+        metadata: &'a Value,
+    },
+    /// An exception raised by the cell, or a request the server could not carry out
+    /// (`ename` `InvalidMessage` or `Rejected`; then `traceback` is empty).
+    Error {
+        /// Exception class name.
+        ename: &'a str,
+        /// Exception message.
+        evalue: &'a str,
+        /// Traceback lines (with ANSI colours).
+        traceback: &'a Value,
+    },
+    /// The cell called `input()`; answer with `input_reply`.
+    InputRequest {
+        /// The prompt.
+        prompt: &'a str,
+        /// Whether the input should be hidden.
+        password: bool,
+    },
+    /// Clear the cell's output (when the next output arrives, if `wait`).
+    ClearOutput {
+        /// Wait for new output before clearing.
+        wait: bool,
+    },
+    /// The cell finished; all its output came before this.
+    Done {
+        /// `ok`, `error`, `aborted`, `timeout` or `rejected`.
+        status: &'a str,
+        /// The cell's execution count.
+        execution_count: Option<i64>,
+        /// Time from start to finish.
+        duration_ms: u64,
+    },
+    /// The session's kernel changed state.
+    Kernel {
+        /// The new state.
+        state: KernelState,
+        /// Why (for `dead`: `out of memory`, `exited with code N`, `heartbeat lost`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    /// Completions for a `complete` request.
+    CompleteReply {
+        /// Candidate completions.
+        matches: &'a Value,
+        /// Start of the text to replace.
+        cursor_start: Option<i64>,
+        /// End of the text to replace.
+        cursor_end: Option<i64>,
+        /// Extra information (types, signatures).
+        metadata: &'a Value,
+    },
+    /// Documentation for an `inspect` request.
+    InspectReply {
+        /// Whether an object was found.
+        found: bool,
+        /// MIME type → documentation.
+        data: &'a Value,
+        /// MIME type → metadata.
+        metadata: &'a Value,
+    },
+}
+
+/// The JSON Schema of both directions of the protocol, as checked in under `protocol/`.
+pub fn json_schema() -> Value {
+    let client = schemars::schema_for!(ClientMessage);
+    let server = schemars::schema_for!(ServerMessage<'static>);
+    serde_json::json!({
+        "$comment": "Generated by `kernelbox schema` from src/api/native/protocol.rs; do not edit.",
+        "title": "kernelbox native WebSocket protocol",
+        "client_to_server": client,
+        "server_to_client": server,
+    })
+}
+
+/// [`json_schema`] as the pretty-printed text checked in at `protocol/native.schema.json`.
+pub fn schema_text() -> String {
+    let mut text = serde_json::to_string_pretty(&json_schema()).unwrap_or_default();
+    text.push('\n');
+    text
+}

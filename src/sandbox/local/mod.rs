@@ -1,0 +1,233 @@
+//! The local backend: a kernel as a plain child process in its own process group, talking over
+//! ipc sockets in a per-session directory. For development and machines with no Docker engine:
+//! it isolates nothing.
+
+pub mod venv;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::{ExitReason, KernelProcess, LaunchSpec, Sandbox, SandboxError};
+use crate::kernel::ConnectionInfo;
+
+/// Starts kernels as `python -m ipykernel_launcher -f <connection file>` child processes.
+pub struct LocalSandbox {
+    python: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl LocalSandbox {
+    /// A backend that runs `python` (which must have ipykernel) and keeps per-session
+    /// directories under `state_dir`.
+    pub fn new(python: PathBuf, state_dir: PathBuf) -> Result<Self, SandboxError> {
+        if !python.exists() {
+            return Err(SandboxError::Unavailable {
+                what: "the local kernel's python".into(),
+                reason: format!("{} does not exist", python.display()),
+                hint: "Run `kernelbox setup` or pass --python.".into(),
+            });
+        }
+        Ok(Self { python, state_dir })
+    }
+}
+
+#[async_trait]
+impl Sandbox for LocalSandbox {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {
+        let dir = self.state_dir.join("sessions").join(&spec.session_id);
+        let work = dir.join("work");
+        tokio::fs::create_dir_all(&work)
+            .await
+            .map_err(|source| SandboxError::Io {
+                context: format!("creating session directory {}", work.display()),
+                source,
+            })?;
+        let info = ConnectionInfo::ipc(&dir.join("k"), ConnectionInfo::random_key());
+        let conn_file = dir.join("kernel.json");
+        let json = serde_json::to_vec(&info)
+            .map_err(|e| SandboxError::Launch(format!("encoding connection file: {e}")))?;
+        tokio::fs::write(&conn_file, json)
+            .await
+            .map_err(|source| SandboxError::Io {
+                context: format!("writing {}", conn_file.display()),
+                source,
+            })?;
+        let process = LocalKernel {
+            python: self.python.clone(),
+            dir,
+            work,
+            conn_file,
+            info,
+            env: spec.env.clone().into_iter().collect(),
+            run: Mutex::new(None),
+        };
+        process.start()?;
+        Ok(Box::new(process))
+    }
+}
+
+/// The current run of a local kernel: its process group and the watch its waiter task fills.
+struct Run {
+    pgid: Pid,
+    exit: watch::Receiver<Option<ExitReason>>,
+}
+
+/// One local kernel process (restartable).
+struct LocalKernel {
+    python: PathBuf,
+    dir: PathBuf,
+    work: PathBuf,
+    conn_file: PathBuf,
+    info: ConnectionInfo,
+    env: Vec<(String, String)>,
+    run: Mutex<Option<Run>>,
+}
+
+impl LocalKernel {
+    /// Spawns the kernel process and a task that reports its exit.
+    fn start(&self) -> Result<(), SandboxError> {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg("-m")
+            .arg("ipykernel_launcher")
+            .arg("-f")
+            .arg(&self.conn_file)
+            // An in-memory history: no SQLite write per cell, nothing shared between kernels.
+            .arg("--HistoryManager.hist_file=:memory:")
+            .current_dir(&self.work)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            SandboxError::Launch(format!("spawning {}: {e}", self.python.display()))
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| SandboxError::Launch("kernel exited at once".into()))?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let reason = match child.wait().await {
+                Ok(status) => exit_reason(status),
+                Err(e) => ExitReason::Vanished(format!("cannot wait for kernel: {e}")),
+            };
+            let _ = tx.send(Some(reason));
+        });
+        let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+        if let Ok(mut run) = self.run.lock() {
+            *run = Some(Run { pgid, exit: rx });
+        }
+        Ok(())
+    }
+
+    fn current(&self) -> Option<(Pid, watch::Receiver<Option<ExitReason>>)> {
+        let run = self.run.lock().ok()?;
+        run.as_ref().map(|r| (r.pgid, r.exit.clone()))
+    }
+
+    /// Kills the whole process group and waits until the waiter saw it go.
+    async fn kill(&self) {
+        if let Some((pgid, mut exit)) = self.current() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            let _ = exit.wait_for(Option::is_some).await;
+        }
+    }
+}
+
+fn exit_reason(status: std::process::ExitStatus) -> ExitReason {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitReason::ExitCode(i64::from(code)),
+        (None, Some(sig)) => ExitReason::Signal(sig),
+        (None, None) => ExitReason::Vanished("unknown exit status".into()),
+    }
+}
+
+#[async_trait]
+impl KernelProcess for LocalKernel {
+    fn connection(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    async fn exited(&self) -> ExitReason {
+        let Some((_, mut exit)) = self.current() else {
+            return ExitReason::Vanished("kernel was never started".into());
+        };
+        match exit.wait_for(Option::is_some).await {
+            Ok(reason) => reason
+                .clone()
+                .unwrap_or_else(|| ExitReason::Vanished("no exit status".into())),
+            Err(_) => ExitReason::Vanished("kernel watcher ended".into()),
+        }
+    }
+
+    async fn signal_interrupt(&self) -> Result<(), SandboxError> {
+        let (pgid, _) = self.current().ok_or(SandboxError::Control {
+            op: "interrupt",
+            reason: "no kernel process".into(),
+        })?;
+        nix::sys::signal::kill(pgid, Signal::SIGINT).map_err(|e| SandboxError::Control {
+            op: "interrupt",
+            reason: e.to_string(),
+        })
+    }
+
+    async fn restart(&self) -> Result<(), SandboxError> {
+        self.kill().await;
+        // Stale socket files would make the new kernel's bind fail.
+        remove_sockets(&self.info).await;
+        self.start()
+    }
+
+    async fn shutdown(&self) -> Result<(), SandboxError> {
+        self.kill().await;
+        if let Ok(mut run) = self.run.lock() {
+            *run = None;
+        }
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SandboxError::Io {
+                context: format!("removing {}", self.dir.display()),
+                source,
+            }),
+        }
+    }
+}
+
+async fn remove_sockets(info: &ConnectionInfo) {
+    for port in [
+        info.shell_port,
+        info.iopub_port,
+        info.stdin_port,
+        info.control_port,
+        info.hb_port,
+    ] {
+        let path = format!("{}-{}", info.ip, port);
+        let _ = tokio::fs::remove_file(Path::new(&path)).await;
+    }
+}
+
+impl Drop for LocalKernel {
+    fn drop(&mut self) {
+        // A session dropped without shutdown must not leave its kernel running.
+        if let Some((pgid, exit)) = self.current()
+            && exit.borrow().is_none()
+        {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,583 @@
+//! The session actor: the one task that owns a session's kernel. It runs cells strictly in
+//! submission order, one at a time, routes every kernel message to the cell it belongs to and
+//! fans events out to subscribers without ever waiting on them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::events::{EventKind, KernelState, SessionEvent};
+use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
+use super::{Kernel, SessionOptions};
+use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
+use crate::sandbox::{ExitReason, KernelProcess};
+
+/// How many recently finished cells keep their routing, for late output from threads.
+const RECENT_CELLS: usize = 64;
+
+/// The cell the kernel is running now.
+struct Running {
+    cell: Arc<str>,
+    msg_id: String,
+    started: Instant,
+    deadline: Option<Instant>,
+    reply: Option<(String, Option<i64>)>,
+    idle: bool,
+    timed_out: bool,
+}
+
+/// A connection attempt in flight.
+type Connecting = std::pin::Pin<
+    Box<dyn Future<Output = Result<(KernelClient, mpsc::Receiver<Incoming>), KernelError>> + Send>,
+>;
+
+pub(crate) struct Actor {
+    id: Arc<str>,
+    opts: SessionOptions,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Arc<SessionEvent>>,
+    status: Arc<Mutex<Status>>,
+    seq: u64,
+    state: KernelState,
+    process: Box<dyn KernelProcess>,
+    client: Option<KernelClient>,
+    incoming: Option<mpsc::Receiver<Incoming>>,
+    connecting: Option<Connecting>,
+    watching_exit: bool,
+    queue: VecDeque<ExecuteRequest>,
+    running: Option<Running>,
+    queries: HashMap<String, Arc<str>>,
+    recent: VecDeque<(String, Arc<str>)>,
+    input_parent: Option<Header>,
+    interrupt_deadline: Option<Instant>,
+}
+
+impl Actor {
+    /// An actor for a kernel that is either ready (from the pool) or just launched.
+    pub(crate) fn new(
+        id: Arc<str>,
+        opts: SessionOptions,
+        kernel: Kernel,
+        commands: mpsc::Receiver<Command>,
+        events: broadcast::Sender<Arc<SessionEvent>>,
+        status: Arc<Mutex<Status>>,
+    ) -> Self {
+        let mut actor = Self {
+            id,
+            opts,
+            commands,
+            events,
+            status,
+            seq: 0,
+            state: KernelState::Starting,
+            process: kernel.process,
+            client: None,
+            incoming: None,
+            connecting: None,
+            watching_exit: true,
+            queue: VecDeque::new(),
+            running: None,
+            queries: HashMap::new(),
+            recent: VecDeque::new(),
+            input_parent: None,
+            interrupt_deadline: None,
+        };
+        match kernel.client {
+            Some((client, incoming)) => {
+                actor.client = Some(client);
+                actor.incoming = Some(incoming);
+                actor.state = KernelState::Idle;
+            }
+            None => actor.start_connecting(),
+        }
+        actor
+    }
+
+    /// Runs until the session is closed or every handle is gone.
+    pub(crate) async fn run(mut self) {
+        self.set_state(self.state, None);
+        let mut close_ack: Option<oneshot::Sender<()>> = None;
+        loop {
+            if let Err(e) = self.start_next().await {
+                tracing::warn!(session = %self.id, error = %e, "sending cell failed");
+            }
+            let deadline = self.next_deadline();
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(Command::Close(ack)) => { close_ack = Some(ack); break; }
+                    Some(command) => self.handle(command).await,
+                    None => break,
+                },
+                result = poll_connecting(&mut self.connecting) => self.on_connected(result),
+                incoming = recv_incoming(&mut self.incoming) => match incoming {
+                    Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg).await,
+                    Some(Incoming::HeartbeatLost) => self.on_death(ExitReason::HeartbeatLost),
+                    None => self.incoming = None,
+                },
+                reason = self.process.exited(), if self.watching_exit => self.on_death(reason),
+                () = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
+            }
+        }
+        self.abort_all("aborted");
+        self.client = None;
+        self.incoming = None;
+        if let Err(e) = self.process.shutdown().await {
+            tracing::warn!(session = %self.id, error = %e, "kernel shutdown failed");
+        }
+        self.set_state(KernelState::Closed, None);
+        if let Some(ack) = close_ack {
+            let _ = ack.send(());
+        }
+    }
+
+    fn start_connecting(&mut self) {
+        let info = self.process.connection().clone();
+        let opts = self.opts.client.clone();
+        self.connecting = Some(Box::pin(
+            async move { KernelClient::connect(&info, opts).await },
+        ));
+    }
+
+    fn on_connected(
+        &mut self,
+        result: Result<(KernelClient, mpsc::Receiver<Incoming>), KernelError>,
+    ) {
+        self.connecting = None;
+        match result {
+            Ok((client, incoming)) => {
+                self.client = Some(client);
+                self.incoming = Some(incoming);
+                self.set_state(KernelState::Idle, None);
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.id, error = %e, "kernel did not become ready");
+                self.watching_exit = false;
+                self.abort_all("aborted");
+                self.set_state(KernelState::Dead, Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Sends the next queued cell when the kernel is ready and nothing runs.
+    async fn start_next(&mut self) -> Result<(), KernelError> {
+        if self.running.is_some() || self.state != KernelState::Idle {
+            return Ok(());
+        }
+        let Some(request) = self.queue.pop_front() else {
+            return Ok(());
+        };
+        self.update_status(|s| s.queued = self.queue.len());
+        let Some(client) = &self.client else {
+            self.queue.push_front(request);
+            return Ok(());
+        };
+        let content = json!({
+            "code": request.code,
+            "silent": request.silent,
+            "store_history": request.store_history,
+            "user_expressions": {},
+            "allow_stdin": request.allow_stdin,
+            "stop_on_error": true,
+        });
+        let started = Instant::now();
+        match client
+            .request(Channel::Shell, "execute_request", content, None)
+            .await
+        {
+            Ok(msg_id) => {
+                self.remember(&msg_id, &request.cell);
+                self.running = Some(Running {
+                    cell: request.cell,
+                    msg_id,
+                    started,
+                    deadline: request.timeout.map(|t| started + t),
+                    reply: None,
+                    idle: false,
+                    timed_out: false,
+                });
+                self.set_state(KernelState::Busy, None);
+                Ok(())
+            }
+            Err(e) => {
+                self.emit(
+                    Some(request.cell.clone()),
+                    EventKind::Done {
+                        status: "aborted",
+                        execution_count: None,
+                        duration_ms: 0,
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        self.update_status(|s| s.last_activity = Utc::now());
+        match command {
+            Command::Execute(request) => self.enqueue(request),
+            Command::Interrupt => self.interrupt().await,
+            Command::Restart => self.restart().await,
+            Command::InputReply(value) => self.input_reply(value).await,
+            Command::Complete(query) => {
+                let content = json!({"code": query.code, "cursor_pos": query.cursor});
+                self.query("complete_request", content, query).await;
+            }
+            Command::Inspect(query) => {
+                let content = json!({
+                    "code": query.code,
+                    "cursor_pos": query.cursor,
+                    "detail_level": query.detail_level,
+                });
+                self.query("inspect_request", content, query).await;
+            }
+            Command::Close(_) => {}
+        }
+    }
+
+    fn enqueue(&mut self, request: ExecuteRequest) {
+        let cell = request.cell.clone();
+        match self.state {
+            KernelState::Dead | KernelState::Closed => {
+                self.reject_cell(cell, "the kernel is dead: send a restart first".into());
+                return;
+            }
+            _ => {}
+        }
+        if self.queue.len() >= self.opts.max_queue {
+            let max = self.opts.max_queue;
+            self.reject_cell(
+                cell,
+                format!("the queue is full ({max} cells wait already)"),
+            );
+            return;
+        }
+        let position = self.queue.len() + usize::from(self.running.is_some());
+        self.queue.push_back(request);
+        self.update_status(|s| s.queued = self.queue.len());
+        self.emit(Some(cell), EventKind::Accepted { position });
+    }
+
+    async fn interrupt(&mut self) {
+        let Some(client) = &self.client else {
+            self.reject(None, "the kernel is not running".into());
+            return;
+        };
+        if client
+            .request(Channel::Control, "interrupt_request", json!({}), None)
+            .await
+            .is_err()
+        {
+            self.signal_interrupt().await;
+            return;
+        }
+        self.interrupt_deadline = Some(Instant::now() + self.opts.interrupt_grace);
+    }
+
+    async fn signal_interrupt(&mut self) {
+        self.interrupt_deadline = None;
+        if let Err(e) = self.process.signal_interrupt().await {
+            tracing::warn!(session = %self.id, error = %e, "SIGINT fallback failed");
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.set_state(KernelState::Restarting, None);
+        self.abort_all("aborted");
+        self.client = None;
+        self.incoming = None;
+        self.connecting = None;
+        self.interrupt_deadline = None;
+        match self.process.restart().await {
+            Ok(()) => {
+                self.watching_exit = true;
+                self.start_connecting();
+            }
+            Err(e) => {
+                self.watching_exit = false;
+                self.set_state(KernelState::Dead, Some(e.to_string()));
+            }
+        }
+    }
+
+    async fn input_reply(&mut self, value: String) {
+        let (Some(client), Some(parent)) = (&self.client, self.input_parent.take()) else {
+            self.reject(None, "no input is pending".into());
+            return;
+        };
+        let content = json!({ "value": value });
+        if let Err(e) = client
+            .request(Channel::Stdin, "input_reply", content, Some(&parent))
+            .await
+        {
+            self.reject(None, format!("cannot send input: {e}"));
+        }
+    }
+
+    async fn query(&mut self, msg_type: &str, content: Value, query: CodeQuery) {
+        let Some(client) = &self.client else {
+            self.reject(Some(query.id), "the kernel is not running".into());
+            return;
+        };
+        match client
+            .request(Channel::Shell, msg_type, content, None)
+            .await
+        {
+            Ok(msg_id) => {
+                self.queries.insert(msg_id, query.id);
+            }
+            Err(e) => self.reject(Some(query.id), format!("cannot send {msg_type}: {e}")),
+        }
+    }
+
+    async fn on_message(&mut self, channel: Channel, msg: Message) {
+        self.update_status(|s| s.last_activity = Utc::now());
+        let parent = msg.parent_id().map(str::to_owned);
+        let is_running =
+            |r: &Option<Running>| matches!((r, &parent), (Some(r), Some(p)) if &r.msg_id == p);
+
+        // Replies to completion/inspection requests and their busy/idle chatter.
+        if let Some(p) = &parent
+            && let Some(id) = self.queries.get(p).cloned()
+        {
+            if channel == Channel::Shell {
+                self.queries.remove(p);
+                self.emit(
+                    Some(id),
+                    EventKind::Kernel {
+                        channel,
+                        msg: Arc::new(msg),
+                    },
+                );
+            }
+            return;
+        }
+        if channel == Channel::Control {
+            if msg.msg_type() == "interrupt_reply" {
+                self.interrupt_deadline = None;
+            }
+            return;
+        }
+
+        let running = is_running(&self.running);
+        let cell = if running {
+            self.running.as_ref().map(|r| r.cell.clone())
+        } else {
+            parent.as_deref().and_then(|p| self.recent_cell(p))
+        };
+        match (channel, msg.msg_type()) {
+            (Channel::Stdin, "input_request") => self.input_parent = Some(msg.header.clone()),
+            (Channel::Shell, "execute_reply") if running => {
+                let status = msg
+                    .content
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                let count = msg.content.get("execution_count").and_then(Value::as_i64);
+                if let Some(r) = self.running.as_mut() {
+                    r.reply = Some((status.to_owned(), count));
+                }
+            }
+            (Channel::IoPub, "status") if running => {
+                if msg.content.get("execution_state").and_then(Value::as_str) == Some("idle")
+                    && let Some(r) = self.running.as_mut()
+                {
+                    r.idle = true;
+                }
+            }
+            _ => {}
+        }
+        self.emit(
+            cell,
+            EventKind::Kernel {
+                channel,
+                msg: Arc::new(msg),
+            },
+        );
+        self.finish_if_done();
+    }
+
+    /// Emits `done` once the cell's reply and its final idle status have both arrived, so every
+    /// output of the cell reaches clients before it.
+    fn finish_if_done(&mut self) {
+        let done = matches!(&self.running, Some(r) if r.idle && r.reply.is_some());
+        if !done {
+            return;
+        }
+        let Some(r) = self.running.take() else { return };
+        let (status, count) = r.reply.unwrap_or_else(|| ("error".into(), None));
+        let status: &'static str = match (r.timed_out, status.as_str()) {
+            (true, _) => "timeout",
+            (false, "ok") => "ok",
+            (false, "aborted") => "aborted",
+            _ => "error",
+        };
+        if let Some(count) = count {
+            self.update_status(|s| s.execution_count = count);
+        }
+        self.interrupt_deadline = None;
+        self.emit(
+            Some(r.cell),
+            EventKind::Done {
+                status,
+                execution_count: count,
+                duration_ms: millis(r.started.elapsed()),
+            },
+        );
+        self.set_state(KernelState::Idle, None);
+    }
+
+    fn on_death(&mut self, reason: ExitReason) {
+        tracing::info!(session = %self.id, %reason, "kernel died");
+        self.watching_exit = false;
+        self.client = None;
+        self.incoming = None;
+        self.connecting = None;
+        self.interrupt_deadline = None;
+        self.abort_all("aborted");
+        self.set_state(KernelState::Dead, Some(reason.to_string()));
+    }
+
+    async fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if self.interrupt_deadline.is_some_and(|d| d <= now) {
+            self.signal_interrupt().await;
+        }
+        let timed_out = match self.running.as_mut() {
+            Some(r) if r.deadline.is_some_and(|d| d <= now) => {
+                r.deadline = None;
+                r.timed_out = true;
+                true
+            }
+            _ => false,
+        };
+        if timed_out {
+            self.interrupt().await;
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let cell = self.running.as_ref().and_then(|r| r.deadline);
+        match (cell, self.interrupt_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Tells clients that the running and queued cells will never finish.
+    fn abort_all(&mut self, status: &'static str) {
+        if let Some(r) = self.running.take() {
+            let duration_ms = millis(r.started.elapsed());
+            self.emit(
+                Some(r.cell),
+                EventKind::Done {
+                    status,
+                    execution_count: None,
+                    duration_ms,
+                },
+            );
+        }
+        for request in std::mem::take(&mut self.queue) {
+            self.emit(
+                Some(request.cell),
+                EventKind::Done {
+                    status,
+                    execution_count: None,
+                    duration_ms: 0,
+                },
+            );
+        }
+        self.queries.clear();
+        self.input_parent = None;
+        self.update_status(|s| s.queued = 0);
+    }
+
+    fn remember(&mut self, msg_id: &str, cell: &Arc<str>) {
+        if self.recent.len() == RECENT_CELLS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((msg_id.to_owned(), cell.clone()));
+    }
+
+    fn recent_cell(&self, msg_id: &str) -> Option<Arc<str>> {
+        self.recent
+            .iter()
+            .rev()
+            .find(|(id, _)| id == msg_id)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn reject(&mut self, cell: Option<Arc<str>>, message: String) {
+        self.emit(cell, EventKind::Rejected { message });
+    }
+
+    /// Rejects a cell: an error saying why, then its `done`, so a client waiting for the cell
+    /// to finish is not left waiting.
+    fn reject_cell(&mut self, cell: Arc<str>, message: String) {
+        self.reject(Some(cell.clone()), message);
+        let done = EventKind::Done {
+            status: "rejected",
+            execution_count: None,
+            duration_ms: 0,
+        };
+        self.emit(Some(cell), done);
+    }
+
+    fn set_state(&mut self, state: KernelState, reason: Option<String>) {
+        let changed = state != self.state || reason.is_some() || self.seq == 0;
+        self.state = state;
+        self.update_status(|s| s.state = state);
+        if changed {
+            self.emit(None, EventKind::State { state, reason });
+        }
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut Status)) {
+        if let Ok(mut status) = self.status.lock() {
+            f(&mut status);
+        }
+    }
+
+    fn emit(&mut self, cell: Option<Arc<str>>, kind: EventKind) {
+        self.seq += 1;
+        let event = Arc::new(SessionEvent {
+            seq: self.seq,
+            cell,
+            kind,
+        });
+        // No subscriber is not an error: the session runs on while nobody listens.
+        let _ = self.events.send(event);
+    }
+}
+
+async fn poll_connecting(
+    connecting: &mut Option<Connecting>,
+) -> Result<(KernelClient, mpsc::Receiver<Incoming>), KernelError> {
+    match connecting.as_mut() {
+        Some(fut) => fut.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_incoming(incoming: &mut Option<mpsc::Receiver<Incoming>>) -> Option<Incoming> {
+    match incoming.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,91 @@
+//! What a session tells its subscribers: kernel messages routed to the cell they belong to, and
+//! the session's own lifecycle. Raw Jupyter messages stay whole so every front end (native JSON,
+//! Jupyter-compatible) can render them its own way.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::kernel::{Channel, Message};
+
+/// Lifecycle states of a session's kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelState {
+    /// The sandbox is starting the kernel or the client is proving it ready.
+    Starting,
+    /// Ready, no cell running.
+    Idle,
+    /// A cell is running.
+    Busy,
+    /// A restart is in progress.
+    Restarting,
+    /// The kernel died; a restart makes the session usable again.
+    Dead,
+    /// The session was closed; nothing more will happen.
+    Closed,
+}
+
+impl KernelState {
+    /// The lowercase name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelState::Starting => "starting",
+            KernelState::Idle => "idle",
+            KernelState::Busy => "busy",
+            KernelState::Restarting => "restarting",
+            KernelState::Dead => "dead",
+            KernelState::Closed => "closed",
+        }
+    }
+}
+
+/// One event of a session, numbered in the order it happened.
+#[derive(Debug, Clone)]
+pub struct SessionEvent {
+    /// Per-session sequence number, from 1, without gaps.
+    pub seq: u64,
+    /// The client's id of the cell or request this event belongs to, if any.
+    pub cell: Option<Arc<str>>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// The kinds of session events.
+#[derive(Debug, Clone)]
+pub enum EventKind {
+    /// A cell was queued; `position` cells run before it (0: it runs now).
+    Accepted {
+        /// Cells ahead of it.
+        position: usize,
+    },
+    /// A message from the kernel: iopub output, a stdin input request or a shell reply to a
+    /// complete/inspect request.
+    Kernel {
+        /// Where it came from.
+        channel: Channel,
+        /// The message, shared by every subscriber.
+        msg: Arc<Message>,
+    },
+    /// A cell finished: all its output has been delivered.
+    Done {
+        /// `ok`, `error`, `aborted` (kernel died or restarted) or `timeout`.
+        status: &'static str,
+        /// The kernel's execution count for the cell, when it reported one.
+        execution_count: Option<i64>,
+        /// Wall time from sending the cell to its completion.
+        duration_ms: u64,
+    },
+    /// The kernel's lifecycle changed.
+    State {
+        /// The new state.
+        state: KernelState,
+        /// Why, for `dead` (e.g. "out of memory") and failures.
+        reason: Option<String>,
+    },
+    /// A request could not be carried out (e.g. the kernel is dead, the queue is full).
+    Rejected {
+        /// What was wrong, for the client.
+        message: String,
+    },
+}

@@ -1,0 +1,189 @@
+//! The handle the API holds on a session: it queues commands for the session's actor and lets
+//! clients subscribe to its events. Cheap to share; never touches the kernel itself.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::events::{KernelState, SessionEvent};
+
+/// A cell to run.
+#[derive(Debug, Clone)]
+pub struct ExecuteRequest {
+    /// The client's id for the cell; every event of the cell carries it.
+    pub cell: Arc<str>,
+    /// The code.
+    pub code: String,
+    /// Run without broadcasting output or counting it (Jupyter's `silent`).
+    pub silent: bool,
+    /// Record the cell in the kernel's history.
+    pub store_history: bool,
+    /// Whether the cell may call `input()`.
+    pub allow_stdin: bool,
+    /// Interrupt the cell when it runs longer than this.
+    pub timeout: Option<Duration>,
+}
+
+/// A completion or inspection request.
+#[derive(Debug, Clone)]
+pub struct CodeQuery {
+    /// The client's id for the request; the reply carries it.
+    pub id: Arc<str>,
+    /// The code around the cursor.
+    pub code: String,
+    /// Cursor position in unicode code points.
+    pub cursor: usize,
+    /// Inspection detail (0 or 1); ignored for completion.
+    pub detail_level: u8,
+}
+
+/// What the actor is asked to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Execute(ExecuteRequest),
+    Interrupt,
+    Restart,
+    InputReply(String),
+    Complete(CodeQuery),
+    Inspect(CodeQuery),
+    Close(oneshot::Sender<()>),
+}
+
+/// Errors of session operations, each saying what the client should know.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The session has closed.
+    #[error("session {0} is closed")]
+    Closed(String),
+    /// Too many commands are waiting.
+    #[error("session {0} is overloaded: too many pending requests")]
+    Overloaded(String),
+    /// No such session.
+    #[error("no session {0}")]
+    NotFound(String),
+    /// The sandbox could not start a kernel.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The server's session limit is reached.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// A point-in-time view of a session, for listings.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Session id (a UUID).
+    pub id: Arc<str>,
+    /// Current kernel state.
+    pub state: KernelState,
+    /// When the session was created.
+    pub created: DateTime<Utc>,
+    /// When the session last received a command or produced output.
+    pub last_activity: DateTime<Utc>,
+    /// The kernel's latest execution count.
+    pub execution_count: i64,
+    /// Cells waiting behind the running one.
+    pub queued: usize,
+    /// Clients currently subscribed.
+    pub connections: usize,
+    /// The sandbox backend that runs the kernel.
+    pub backend: &'static str,
+}
+
+/// Mutable facts the actor updates and handles read.
+#[derive(Debug)]
+pub(crate) struct Status {
+    pub state: KernelState,
+    pub last_activity: DateTime<Utc>,
+    pub execution_count: i64,
+    pub queued: usize,
+}
+
+/// A session as the API sees it.
+pub struct Session {
+    pub(crate) id: Arc<str>,
+    pub(crate) created: DateTime<Utc>,
+    pub(crate) backend: &'static str,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) events: broadcast::Sender<Arc<SessionEvent>>,
+    pub(crate) status: Arc<Mutex<Status>>,
+}
+
+impl Session {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Receives every event from now on. A subscriber that falls behind by more than the
+    /// channel's capacity is told how many events it lost (`RecvError::Lagged`); the kernel
+    /// and the other subscribers never wait for it.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SessionEvent>> {
+        self.events.subscribe()
+    }
+
+    /// Queues a cell; cells run one at a time in the order they were queued.
+    pub fn execute(&self, request: ExecuteRequest) -> Result<(), SessionError> {
+        self.send(Command::Execute(request))
+    }
+
+    /// Interrupts the running cell (control channel, SIGINT as fallback).
+    pub fn interrupt(&self) -> Result<(), SessionError> {
+        self.send(Command::Interrupt)
+    }
+
+    /// Restarts the kernel: state is lost, running and queued cells are aborted.
+    pub fn restart(&self) -> Result<(), SessionError> {
+        self.send(Command::Restart)
+    }
+
+    /// Answers the kernel's pending `input()` prompt.
+    pub fn input_reply(&self, value: String) -> Result<(), SessionError> {
+        self.send(Command::InputReply(value))
+    }
+
+    /// Asks the kernel for completions at the cursor.
+    pub fn complete(&self, query: CodeQuery) -> Result<(), SessionError> {
+        self.send(Command::Complete(query))
+    }
+
+    /// Asks the kernel for documentation of the object at the cursor.
+    pub fn inspect(&self, query: CodeQuery) -> Result<(), SessionError> {
+        self.send(Command::Inspect(query))
+    }
+
+    /// Stops the kernel and removes its sandbox; waits until that is done.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The session's current state and counters.
+    pub fn info(&self) -> SessionInfo {
+        let (state, last_activity, execution_count, queued) = match self.status.lock() {
+            Ok(s) => (s.state, s.last_activity, s.execution_count, s.queued),
+            Err(_) => (KernelState::Dead, self.created, 0, 0),
+        };
+        SessionInfo {
+            id: self.id.clone(),
+            state,
+            created: self.created,
+            last_activity,
+            execution_count,
+            queued,
+            connections: self.events.receiver_count(),
+            backend: self.backend,
+        }
+    }
+
+    fn send(&self, command: Command) -> Result<(), SessionError> {
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SessionError::Overloaded(self.id.to_string()),
+            mpsc::error::TrySendError::Closed(_) => SessionError::Closed(self.id.to_string()),
+        })
+    }
+}

@@ -1,0 +1,133 @@
+//! The session manager: every live session by id, creation through the sandbox, and shutdown.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use dashmap::DashMap;
+use tokio::sync::{broadcast, mpsc};
+
+use super::actor::Actor;
+use super::handle::{Session, SessionError, SessionInfo, Status};
+use super::{Kernel, KernelState, SessionOptions};
+use crate::sandbox::{LaunchSpec, Sandbox};
+
+/// What a client may ask for when creating a session.
+#[derive(Debug, Clone, Default)]
+pub struct CreateSession {
+    /// Network access for the kernel (refused unless the operator allows it).
+    pub network: bool,
+    /// Extra environment variables for the kernel.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Holds every live session and the sandbox that runs their kernels.
+pub struct SessionManager {
+    sessions: DashMap<Arc<str>, Arc<Session>>,
+    sandbox: Arc<dyn Sandbox>,
+    options: SessionOptions,
+}
+
+impl SessionManager {
+    /// A manager that starts kernels with `sandbox`.
+    pub fn new(sandbox: Arc<dyn Sandbox>, options: SessionOptions) -> Arc<Self> {
+        Arc::new(Self {
+            sessions: DashMap::new(),
+            sandbox,
+            options,
+        })
+    }
+
+    /// The sandbox backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.sandbox.name()
+    }
+
+    /// Starts a session: launches its kernel and its actor. Returns once the sandbox has
+    /// started the kernel; cells sent before the kernel is ready wait in the queue.
+    pub async fn create(&self, request: CreateSession) -> Result<Arc<Session>, SessionError> {
+        if self.sessions.len() >= self.options.max_sessions {
+            return Err(SessionError::Limit(format!(
+                "the server runs its maximum of {} sessions; close one first",
+                self.options.max_sessions
+            )));
+        }
+        let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        let spec = LaunchSpec {
+            session_id: id.to_string(),
+            network: request.network,
+            env: request.env,
+        };
+        let process = self.sandbox.launch(&spec).await?;
+        let kernel = Kernel {
+            process,
+            client: None,
+        };
+        let session = self.spawn(id, kernel);
+        Ok(session)
+    }
+
+    fn spawn(&self, id: Arc<str>, kernel: Kernel) -> Arc<Session> {
+        let now = Utc::now();
+        let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
+        let (events, _) = broadcast::channel(self.options.subscriber_capacity);
+        let status = Arc::new(Mutex::new(Status {
+            state: KernelState::Starting,
+            last_activity: now,
+            execution_count: 0,
+            queued: 0,
+        }));
+        let session = Arc::new(Session {
+            id: id.clone(),
+            created: now,
+            backend: self.sandbox.name(),
+            commands: commands_tx,
+            events: events.clone(),
+            status: status.clone(),
+        });
+        let actor = Actor::new(
+            id.clone(),
+            self.options.clone(),
+            kernel,
+            commands_rx,
+            events,
+            status,
+        );
+        let span = tracing::info_span!("session", id = %id);
+        tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
+        self.sessions.insert(id, session.clone());
+        session
+    }
+
+    /// The session with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions.get(id).map(|s| s.value().clone())
+    }
+
+    /// Every live session's info.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut list: Vec<SessionInfo> = self.sessions.iter().map(|s| s.value().info()).collect();
+        list.sort_by(|a, b| a.created.cmp(&b.created));
+        list
+    }
+
+    /// Closes a session and removes its kernel.
+    pub async fn remove(&self, id: &str) -> Result<(), SessionError> {
+        let (_, session) = self
+            .sessions
+            .remove(id)
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+        session.close().await;
+        Ok(())
+    }
+
+    /// Closes every session (graceful shutdown).
+    pub async fn shutdown(&self) {
+        let ids: Vec<Arc<str>> = self.sessions.iter().map(|s| s.key().clone()).collect();
+        let closing = ids.iter().map(|id| self.remove(id));
+        futures::future::join_all(closing).await;
+        if let Err(e) = self.sandbox.cleanup().await {
+            tracing::warn!(error = %e, "sandbox cleanup failed");
+        }
+    }
+}
