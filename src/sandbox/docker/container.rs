@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding,
-    VolumeCreateRequest,
+    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, HostConfigLogConfig, Mount,
+    MountType, PortBinding, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     KillContainerOptions, RestartContainerOptions, StartContainerOptions, WaitContainerOptions,
@@ -532,8 +532,15 @@ async fn watch_run(docker: &Docker, id: &str) -> ExitReason {
     match docker.inspect_container(id, None).await {
         Ok(inspect) => {
             let state = inspect.state.unwrap_or_default();
+            let removing = matches!(
+                state.status,
+                Some(ContainerStateStatusEnum::REMOVING | ContainerStateStatusEnum::DEAD)
+            );
             if state.oom_killed == Some(true) {
                 ExitReason::OutOfMemory
+            } else if removing {
+                // `docker rm -f` kills first: the run ended because the container is going away.
+                ExitReason::Vanished("the container was removed".to_owned())
             } else {
                 ExitReason::ExitCode(state.exit_code.unwrap_or(-1))
             }
