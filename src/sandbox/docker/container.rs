@@ -271,30 +271,39 @@ async fn launch_inner(
         }
     };
 
-    // The keeper holds the tmpfs volume mounted while the kernel container restarts.
-    let keeper_id = match &volume {
-        Some(name) => {
-            let mut keeper_labels = labels.clone();
-            keeper_labels.insert(LABEL_ROLE.to_owned(), ROLE_KEEPER.to_owned());
-            let body = keeper_body(shared, name, keeper_labels);
-            let id = create(docker, body).await?;
-            created.containers.push(id.clone());
-            start(docker, &id).await?;
-            Some(id)
-        }
-        None => None,
-    };
-
     labels.insert(LABEL_ROLE.to_owned(), ROLE_KERNEL.to_owned());
     let network = if spec.network || matches!(config.transport, KernelTransport::Tcp { .. }) {
         config.network_mode_when_allowed.clone()
     } else {
         "none".to_owned()
     };
+    // The keeper holds the tmpfs volume mounted while the kernel container restarts. Both
+    // containers start concurrently: the keeper is not on the kernel's critical path.
+    let keeper_body = volume.as_ref().map(|name| {
+        let mut keeper_labels = labels.clone();
+        keeper_labels.insert(LABEL_ROLE.to_owned(), ROLE_KEEPER.to_owned());
+        keeper_body(shared, name, keeper_labels)
+    });
     let body = kernel_body(shared, spec, labels, cmd, mounts, network);
-    let id = create(docker, body.clone()).await?;
-    created.containers.push(id.clone());
-    start(docker, &id).await?;
+    let keeper = async {
+        match keeper_body {
+            Some(keeper_body) => Some(create_and_start(docker, keeper_body).await),
+            None => None,
+        }
+    };
+    let ((kernel_id, kernel_started), keeper) =
+        tokio::join!(create_and_start(docker, body.clone()), keeper);
+    created.containers.extend(kernel_id.clone());
+    let keeper_id = match keeper {
+        Some((keeper_id, keeper_started)) => {
+            created.containers.extend(keeper_id.clone());
+            keeper_started?;
+            keeper_id
+        }
+        None => None,
+    };
+    kernel_started?;
+    let id = kernel_id.ok_or_else(|| SandboxError::Launch("no container id".to_owned()))?;
 
     let connection = match &config.transport {
         KernelTransport::Tcp { connect_host } => {
@@ -442,6 +451,21 @@ async fn create(docker: &Docker, body: ContainerCreateBody) -> Result<String, Sa
         .await
         .map(|created| created.id)
         .map_err(|err| SandboxError::Launch(format!("cannot create container: {err}")))
+}
+
+/// Creates and starts a container; returns its id if it was created (to undo) and how the
+/// whole went.
+async fn create_and_start(
+    docker: &Docker,
+    body: ContainerCreateBody,
+) -> (Option<String>, Result<(), SandboxError>) {
+    match create(docker, body).await {
+        Ok(id) => {
+            let started = start(docker, &id).await;
+            (Some(id), started)
+        }
+        Err(err) => (None, Err(err)),
+    }
 }
 
 async fn start(docker: &Docker, id: &str) -> Result<(), SandboxError> {
