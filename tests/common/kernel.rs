@@ -47,15 +47,26 @@ impl Drop for TestKernel {
 }
 
 impl TestKernel {
-    /// Starts a kernel on ipc sockets in a fresh temp dir, with a random key.
+    /// Starts a kernel on ipc sockets in a fresh temp dir, with a random key and no history
+    /// database (lighter for tests).
     pub fn start_ipc() -> Self {
-        let dir = temp_dir();
-        let info = ConnectionInfo::ipc(&dir.join("k"), ConnectionInfo::random_key());
-        Self::start(info, dir, &["--HistoryManager.enabled=False"])
+        Self::start_ipc_with(&["--HistoryManager.enabled=False"])
     }
 
-    /// Starts a kernel on tcp 127.0.0.1 with five free ports.
+    /// Starts a kernel on tcp 127.0.0.1 with five free ports and no history database.
     pub fn start_tcp() -> Self {
+        Self::start_tcp_with(&["--HistoryManager.enabled=False"])
+    }
+
+    /// Starts a kernel on ipc sockets in a fresh temp dir with extra kernel flags.
+    pub fn start_ipc_with(extra: &[&str]) -> Self {
+        let dir = temp_dir();
+        let info = ConnectionInfo::ipc(&dir.join("k"), ConnectionInfo::random_key());
+        Self::start(info, dir, extra)
+    }
+
+    /// Starts a kernel on tcp 127.0.0.1 with five free ports and extra kernel flags.
+    pub fn start_tcp_with(extra: &[&str]) -> Self {
         let dir = temp_dir();
         let ports = free_ports();
         let info = ConnectionInfo {
@@ -70,7 +81,7 @@ impl TestKernel {
             signature_scheme: "hmac-sha256".into(),
             kernel_name: "python3".into(),
         };
-        Self::start(info, dir, &["--HistoryManager.enabled=False"])
+        Self::start(info, dir, extra)
     }
 
     /// Writes `info` as the connection file in `dir` and launches ipykernel on it, with an
