@@ -20,7 +20,10 @@ use tokio_tungstenite::tungstenite::Message;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Median and p99 of samples, in milliseconds.
@@ -34,13 +37,20 @@ fn summary(samples: &mut [Duration]) -> (f64, f64) {
 }
 
 /// One `1+1` through a direct client: send, then wait for execute_reply AND iopub idle.
-async fn direct_execute(client: &KernelClient, rx: &mut mpsc::Receiver<Incoming>) -> Result<(), BoxError> {
+async fn direct_execute(
+    client: &KernelClient,
+    rx: &mut mpsc::Receiver<Incoming>,
+) -> Result<(), BoxError> {
     let content = json!({"code": "1+1", "silent": false, "store_history": true,
         "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
-    let id = client.request(Channel::Shell, "execute_request", content, None).await?;
+    let id = client
+        .request(Channel::Shell, "execute_request", content, None)
+        .await?;
     let (mut reply, mut idle) = (false, false);
     while !(reply && idle) {
-        let Some(Incoming::Message { msg, .. }) = rx.recv().await else { return Err("kernel gone".into()) };
+        let Some(Incoming::Message { msg, .. }) = rx.recv().await else {
+            return Err("kernel gone".into());
+        };
         if msg.parent_id() != Some(id.as_str()) {
             continue;
         }
@@ -54,24 +64,39 @@ async fn direct_execute(client: &KernelClient, rx: &mut mpsc::Receiver<Incoming>
 }
 
 /// One `kernel_info_request` through a direct client (shell reply only).
-async fn direct_kernel_info(client: &KernelClient, rx: &mut mpsc::Receiver<Incoming>) -> Result<(), BoxError> {
-    let id = client.request(Channel::Shell, "kernel_info_request", json!({}), None).await?;
+async fn direct_kernel_info(
+    client: &KernelClient,
+    rx: &mut mpsc::Receiver<Incoming>,
+) -> Result<(), BoxError> {
+    let id = client
+        .request(Channel::Shell, "kernel_info_request", json!({}), None)
+        .await?;
     loop {
-        let Some(Incoming::Message { channel, msg }) = rx.recv().await else { return Err("kernel gone".into()) };
+        let Some(Incoming::Message { channel, msg }) = rx.recv().await else {
+            return Err("kernel gone".into());
+        };
         if channel == Channel::Shell && msg.parent_id() == Some(id.as_str()) {
             return Ok(());
         }
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One `1+1` through the native WebSocket: send, then wait for `done`.
 async fn ws_execute(ws: &mut Ws, n: usize) -> Result<(), BoxError> {
     let id = format!("b{n}");
-    ws.send(Message::Text(json!({"type": "execute", "id": id, "code": "1+1"}).to_string().into())).await?;
+    ws.send(Message::Text(
+        json!({"type": "execute", "id": id, "code": "1+1"})
+            .to_string()
+            .into(),
+    ))
+    .await?;
     loop {
-        let Some(frame) = ws.next().await else { return Err("ws closed".into()) };
+        let Some(frame) = ws.next().await else {
+            return Err("ws closed".into());
+        };
         if let Message::Text(text) = frame? {
             let event: Value = serde_json::from_str(&text)?;
             if event["type"] == "done" && event["id"] == id.as_str() {
@@ -90,15 +115,24 @@ async fn main() -> Result<(), BoxError> {
     let sandbox: Arc<dyn Sandbox> = Arc::new(LocalSandbox::new(python, state_dir.clone())?);
 
     // The floor: a direct client on a kernel of its own.
-    let process = sandbox.launch(&LaunchSpec { session_id: "bench-direct".into(), ..Default::default() }).await?;
-    let (client, mut rx) = KernelClient::connect(process.connection(), ClientOptions::default()).await?;
+    let process = sandbox
+        .launch(&LaunchSpec {
+            session_id: "bench-direct".into(),
+            ..Default::default()
+        })
+        .await?;
+    let (client, mut rx) =
+        KernelClient::connect(process.connection(), ClientOptions::default()).await?;
 
     // kernelbox: a session behind the WebSocket API.
     let sessions = SessionManager::new(sandbox.clone(), SessionOptions::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let token = "bench";
-    let state = AppState { sessions: sessions.clone(), token: Token::new(token) };
+    let state = AppState {
+        sessions: sessions.clone(),
+        token: Token::new(token),
+    };
     tokio::spawn(api::serve(listener, state, std::future::pending()));
     let session = sessions.create(Default::default()).await?;
     let url = format!("ws://{addr}/v1/sessions/{}/ws?token={token}", session.id());
@@ -132,11 +166,17 @@ async fn main() -> Result<(), BoxError> {
     let (dm, dp) = summary(&mut d_exec);
     let (wm, wp) = summary(&mut w_exec);
     let (im, ip) = summary(&mut d_info);
-    println!("execute 1+1 round trip, {} samples each, interleaved:", d_exec.len());
+    println!(
+        "execute 1+1 round trip, {} samples each, interleaved:",
+        d_exec.len()
+    );
     println!("| path | median ms | p99 ms | median vs floor |");
     println!("|---|---|---|---|");
     println!("| direct ZeroMQ (floor) | {dm:.2} | {dp:.2} | 1.00x |");
-    println!("| kernelbox native WS | {wm:.2} | {wp:.2} | {:.2}x |", wm / dm);
+    println!(
+        "| kernelbox native WS | {wm:.2} | {wp:.2} | {:.2}x |",
+        wm / dm
+    );
     println!("| direct kernel_info (reference) | {im:.2} | {ip:.2} | - |");
 
     drop(ws);
