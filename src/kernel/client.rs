@@ -24,7 +24,8 @@
 //!
 //! Readiness chatter (the `kernel_info_request`s sent by `connect`, their replies and the iopub
 //! status messages they cause, even late ones) never reaches the `Incoming` channel: those
-//! requests carry a msg_id prefix private to this client.
+//! requests carry a msg_id prefix private to this client. ipykernel's `iopub_welcome` (sent to a
+//! new `""` subscriber) is connection chatter too and is not forwarded either.
 
 use std::time::Duration;
 
@@ -478,10 +479,11 @@ impl Reader {
                 return;
             }
         };
-        if msg
-            .parent_id()
-            .is_some_and(|id| id.starts_with(&self.ready_prefix))
-        {
+        let readiness = msg.msg_type() == "iopub_welcome"
+            || msg
+                .parent_id()
+                .is_some_and(|id| id.starts_with(&self.ready_prefix));
+        if readiness {
             let _ = self.ready.try_send((self.channel, msg));
             return;
         }

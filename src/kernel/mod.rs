@@ -8,5 +8,7 @@ pub mod message;
 pub mod signer;
 
 pub use client::{ClientOptions, Incoming, KernelClient, KernelError};
+pub use codec::CodecError;
 pub use connection::{ConnectionInfo, Transport};
 pub use message::{Channel, Header, Message};
+pub use signer::{Signer, SignerError};

@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::actor::Actor;
 use super::handle::{Session, SessionError, SessionInfo, Status};
+use super::pool::Pool;
 use super::{Kernel, KernelState, SessionOptions};
 use crate::sandbox::{LaunchSpec, Sandbox};
 
@@ -26,15 +27,19 @@ pub struct SessionManager {
     sessions: DashMap<Arc<str>, Arc<Session>>,
     sandbox: Arc<dyn Sandbox>,
     options: SessionOptions,
+    pool: Option<Arc<Pool>>,
 }
 
 impl SessionManager {
     /// A manager that starts kernels with `sandbox`.
     pub fn new(sandbox: Arc<dyn Sandbox>, options: SessionOptions) -> Arc<Self> {
+        let pool = (options.pool_size > 0)
+            .then(|| Pool::start(options.pool_size, sandbox.clone(), options.client.clone()));
         Arc::new(Self {
             sessions: DashMap::new(),
             sandbox,
             options,
+            pool,
         })
     }
 
@@ -52,22 +57,32 @@ impl SessionManager {
                 self.options.max_sessions
             )));
         }
-        let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
-        let spec = LaunchSpec {
-            session_id: id.to_string(),
-            network: request.network,
-            env: request.env,
+        // Only plain sessions can take a pooled kernel: the pool's kernels have no network and
+        // no extra environment.
+        let plain = !request.network && request.env.is_empty();
+        let pooled = self.pool.as_ref().filter(|_| plain).and_then(|p| p.take());
+        let kernel = match pooled {
+            Some(kernel) => kernel,
+            None => {
+                let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+                let spec = LaunchSpec {
+                    session_id: id.to_string(),
+                    network: request.network,
+                    env: request.env,
+                };
+                let process = self.sandbox.launch(&spec).await?;
+                Kernel {
+                    id,
+                    process,
+                    client: None,
+                }
+            }
         };
-        let process = self.sandbox.launch(&spec).await?;
-        let kernel = Kernel {
-            process,
-            client: None,
-        };
-        let session = self.spawn(id, kernel);
-        Ok(session)
+        Ok(self.spawn(kernel))
     }
 
-    fn spawn(&self, id: Arc<str>, kernel: Kernel) -> Arc<Session> {
+    fn spawn(&self, kernel: Kernel) -> Arc<Session> {
+        let id = kernel.id.clone();
         let now = Utc::now();
         let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
         let (events, _) = broadcast::channel(self.options.subscriber_capacity);
@@ -99,6 +114,11 @@ impl SessionManager {
         session
     }
 
+    /// Ready kernels waiting in the warm pool.
+    pub fn pool_ready(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.len())
+    }
+
     /// The session with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
         self.sessions.get(id).map(|s| s.value().clone())
@@ -126,6 +146,9 @@ impl SessionManager {
         let ids: Vec<Arc<str>> = self.sessions.iter().map(|s| s.key().clone()).collect();
         let closing = ids.iter().map(|id| self.remove(id));
         futures::future::join_all(closing).await;
+        if let Some(pool) = &self.pool {
+            pool.close().await;
+        }
         if let Err(e) = self.sandbox.cleanup().await {
             tracing::warn!(error = %e, "sandbox cleanup failed");
         }

@@ -5,6 +5,7 @@ mod actor;
 pub mod events;
 mod handle;
 pub mod manager;
+mod pool;
 
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub struct SessionOptions {
     pub interrupt_grace: Duration,
     /// Most sessions the server runs at once.
     pub max_sessions: usize,
+    /// Ready kernels kept waiting for new sessions (0: none).
+    pub pool_size: usize,
 }
 
 impl Default for SessionOptions {
@@ -40,6 +43,7 @@ impl Default for SessionOptions {
             subscriber_capacity: 4096,
             interrupt_grace: Duration::from_secs(1),
             max_sessions: 256,
+            pool_size: 0,
         }
     }
 }
@@ -47,6 +51,7 @@ impl Default for SessionOptions {
 /// A kernel handed to a session: its process, and a connected ready client when it comes
 /// from the warm pool.
 pub(crate) struct Kernel {
+    pub id: std::sync::Arc<str>,
     pub process: Box<dyn KernelProcess>,
     pub client: Option<(KernelClient, mpsc::Receiver<Incoming>)>,
 }

@@ -107,6 +107,8 @@ impl LocalKernel {
             .current_dir(&self.work)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+            // Without it, debugpy warns about frozen modules on stderr at every start.
+            .env("PYDEVD_DISABLE_FILE_VALIDATION", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
