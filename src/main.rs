@@ -1,4 +1,4 @@
-//! The `kernelbox` command line: `serve`, `setup`, `schema`.
+//! The `kernelbox` command line: `serve`, `setup`, `image`, `schema`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kernelbox::api::{self, AppState, Token};
-use kernelbox::sandbox::Sandbox;
+use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
+use kernelbox::sandbox::{Sandbox, SandboxError};
 use kernelbox::session::{SessionManager, SessionOptions};
 
 /// A server that gives every client session its own sandboxed Jupyter kernel.
@@ -29,12 +30,30 @@ enum Command {
         #[arg(long, default_value = "python3")]
         python: PathBuf,
     },
+    /// The Docker kernel image.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Print the native protocol's JSON Schema (or write it to a file).
     Schema {
         /// Write to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the kernel image offline (debootstrap + pip; no registry needed) unless the image
+    /// for the current inputs exists already.
+    Build {
+        /// Rebuild even when the image exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the tag the current image inputs hash to.
+    Tag,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +80,24 @@ struct ServeArgs {
     /// Python with ipykernel for the local backend (default: the venv `kernelbox setup` makes).
     #[arg(long, env = "KERNELBOX_PYTHON")]
     python: Option<PathBuf>,
+    /// Kernel image for the Docker backend (default: the tag `kernelbox image build` makes).
+    #[arg(long, env = "KERNELBOX_IMAGE")]
+    image: Option<String>,
+    /// Memory limit per kernel container, in MiB (swap is not allowed).
+    #[arg(long, env = "KERNELBOX_MEMORY_MB", default_value_t = 1024)]
+    memory_mb: i64,
+    /// CPU quota per kernel container, in CPUs.
+    #[arg(long, env = "KERNELBOX_CPUS", default_value_t = 1.0)]
+    cpus: f64,
+    /// Process/thread limit per kernel container.
+    #[arg(long, env = "KERNELBOX_PIDS_LIMIT", default_value_t = 256)]
+    pids_limit: i64,
+    /// Let sessions ask for network access (`{"network": true}`); refused otherwise.
+    #[arg(long, env = "KERNELBOX_ALLOW_NETWORK")]
+    allow_network: bool,
+    /// Ready kernels kept waiting for new sessions.
+    #[arg(long, env = "KERNELBOX_POOL_SIZE", default_value_t = 2)]
+    pool_size: usize,
     /// Most sessions at once.
     #[arg(long, env = "KERNELBOX_MAX_SESSIONS", default_value_t = 256)]
     max_sessions: usize,
@@ -80,6 +117,18 @@ async fn main() -> ExitCode {
                 println!("kernel python: {}", p.display());
             })
             .map_err(|e| e.to_string()),
+        Command::Image {
+            command: ImageCommand::Build { force },
+        } => docker::build_image(force)
+            .await
+            .map(|tag| println!("{tag}"))
+            .map_err(|e| e.to_string()),
+        Command::Image {
+            command: ImageCommand::Tag,
+        } => {
+            println!("{}", docker::default_image_tag());
+            Ok(())
+        }
         Command::Schema { out } => schema(out),
     };
     match result {
@@ -116,14 +165,53 @@ async fn local_sandbox(python: Option<PathBuf>) -> Result<Arc<dyn Sandbox>, Stri
     Ok(Arc::new(sandbox))
 }
 
+fn docker_config(args: &ServeArgs) -> DockerConfig {
+    let mut config = DockerConfig::default();
+    if let Some(image) = &args.image {
+        config.image.clone_from(image);
+    }
+    config.memory_bytes = args.memory_mb.saturating_mul(1 << 20);
+    config.cpus = args.cpus;
+    config.pids_limit = args.pids_limit;
+    config.allow_network_requests = args.allow_network;
+    config
+}
+
 async fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_json);
-    let sandbox = match args.backend {
-        Backend::Auto | Backend::Local => local_sandbox(args.python).await?,
-        Backend::Docker => return Err("the docker backend is not built yet".into()),
+    let sandbox: Arc<dyn Sandbox> = match args.backend {
+        Backend::Local => local_sandbox(args.python.clone()).await?,
+        Backend::Docker => Arc::new(
+            DockerSandbox::new(docker_config(&args))
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        Backend::Auto => match DockerSandbox::new(docker_config(&args)).await {
+            Ok(sandbox) => Arc::new(sandbox),
+            // The engine answers but something else is wrong (e.g. no image): say so rather
+            // than silently running user code unisolated.
+            Err(SandboxError::Unavailable { what, reason, hint })
+                if what.starts_with("kernel image") =>
+            {
+                return Err(format!(
+                    "{what} is unavailable: {reason}. {hint}. (Or run with --backend local \
+                     for unisolated development kernels.)"
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no Docker engine: using the local backend (kernels are NOT isolated)");
+                local_sandbox(args.python.clone()).await?
+            }
+        },
     };
+    match sandbox.cleanup().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed kernels a previous run left behind"),
+        Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
+    }
     let options = SessionOptions {
         max_sessions: args.max_sessions,
+        pool_size: args.pool_size,
         ..SessionOptions::default()
     };
     let sessions = SessionManager::new(sandbox, options);

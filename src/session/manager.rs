@@ -127,7 +127,7 @@ impl SessionManager {
     /// Every live session's info.
     pub fn list(&self) -> Vec<SessionInfo> {
         let mut list: Vec<SessionInfo> = self.sessions.iter().map(|s| s.value().info()).collect();
-        list.sort_by(|a, b| a.created.cmp(&b.created));
+        list.sort_by_key(|s| s.created);
         list
     }
 
