@@ -4,37 +4,18 @@
 //!
 //! `cargo bench --bench roundtrip` (env: `KERNELBOX_PYTHON`, `ROUNDS`, `PER_ROUND`).
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use futures::{SinkExt, StreamExt};
-use kernelbox::api::{self, AppState, Token};
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{BoxError, Server, env_usize, run_cell, summary};
 use kernelbox::kernel::{Channel, ClientOptions, Incoming, KernelClient};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
 use kernelbox::sandbox::{LaunchSpec, Sandbox};
-use kernelbox::session::{SessionManager, SessionOptions};
-use serde_json::{Value, json};
+use kernelbox::session::SessionOptions;
+use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Median and p99 of samples, in milliseconds.
-fn summary(samples: &mut [Duration]) -> (f64, f64) {
-    samples.sort();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples[i].as_secs_f64() * 1000.0
-    };
-    (at(0.5), at(0.99))
-}
 
 /// One `1+1` through a direct client: send, then wait for execute_reply AND iopub idle.
 async fn direct_execute(
@@ -81,31 +62,6 @@ async fn direct_kernel_info(
     }
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// One `1+1` through the native WebSocket: send, then wait for `done`.
-async fn ws_execute(ws: &mut Ws, n: usize) -> Result<(), BoxError> {
-    let id = format!("b{n}");
-    ws.send(Message::Text(
-        json!({"type": "execute", "id": id, "code": "1+1"})
-            .to_string()
-            .into(),
-    ))
-    .await?;
-    loop {
-        let Some(frame) = ws.next().await else {
-            return Err("ws closed".into());
-        };
-        if let Message::Text(text) = frame? {
-            let event: Value = serde_json::from_str(&text)?;
-            if event["type"] == "done" && event["id"] == id.as_str() {
-                return Ok(());
-            }
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let rounds = env_usize("ROUNDS", 10);
@@ -125,27 +81,13 @@ async fn main() -> Result<(), BoxError> {
         KernelClient::connect(process.connection(), ClientOptions::default()).await?;
 
     // kernelbox: a session behind the WebSocket API.
-    let sessions = SessionManager::new(sandbox.clone(), SessionOptions::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let token = "bench";
-    let state = AppState {
-        sessions: sessions.clone(),
-        token: Token::new(token),
-    };
-    tokio::spawn(api::serve(listener, state, std::future::pending()));
-    let session = sessions.create(Default::default()).await?;
-    let url = format!("ws://{addr}/v1/sessions/{}/ws?token={token}", session.id());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    let tcp = ws.get_ref();
-    if let tokio_tungstenite::MaybeTlsStream::Plain(s) = tcp {
-        s.set_nodelay(true)?;
-    }
+    let server = Server::start(sandbox.clone(), SessionOptions::default()).await?;
+    let (_, mut ws) = server.session().await?;
 
     // Warm both up.
     for n in 0..20 {
         direct_execute(&client, &mut rx).await?;
-        ws_execute(&mut ws, n).await?;
+        run_cell(&mut ws, &format!("b{n}"), "1+1").await?;
     }
     let (mut d_exec, mut w_exec, mut d_info) = (Vec::new(), Vec::new(), Vec::new());
     let mut n = 1000;
@@ -155,7 +97,7 @@ async fn main() -> Result<(), BoxError> {
             direct_execute(&client, &mut rx).await?;
             d_exec.push(t.elapsed());
             let t = Instant::now();
-            ws_execute(&mut ws, n).await?;
+            run_cell(&mut ws, &format!("b{n}"), "1+1").await?;
             w_exec.push(t.elapsed());
             n += 1;
             let t = Instant::now();
@@ -180,7 +122,7 @@ async fn main() -> Result<(), BoxError> {
     println!("| direct kernel_info (reference) | {im:.2} | {ip:.2} | - |");
 
     drop(ws);
-    sessions.shutdown().await;
+    server.sessions.shutdown().await;
     drop(client);
     process.shutdown().await?;
     let _ = std::fs::remove_dir_all(state_dir);

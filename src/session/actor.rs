@@ -157,8 +157,8 @@ impl Actor {
             Err(e) => {
                 tracing::warn!(session = %self.id, error = %e, "kernel did not become ready");
                 self.watching_exit = false;
-                self.abort_all("aborted");
                 self.set_state(KernelState::Dead, Some(e.to_string()));
+                self.abort_all("aborted");
             }
         }
     }
@@ -439,8 +439,9 @@ impl Actor {
         self.incoming = None;
         self.connecting = None;
         self.interrupt_deadline = None;
-        self.abort_all("aborted");
+        // The death first, then the cells it aborted: clients learn the cause before the effect.
         self.set_state(KernelState::Dead, Some(reason.to_string()));
+        self.abort_all("aborted");
     }
 
     async fn on_deadline(&mut self) {

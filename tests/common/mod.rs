@@ -215,6 +215,13 @@ impl Ws {
 
     /// The next JSON event (panics after EVENT_TIMEOUT).
     pub async fn next(&mut self) -> Value {
+        let v = self.next_inner().await;
+        if std::env::var_os("KB_TRACE").is_some() {
+            eprintln!("EVENT {v}");
+        }
+        v
+    }
+    async fn next_inner(&mut self) -> Value {
         loop {
             let frame = tokio::time::timeout(EVENT_TIMEOUT, self.stream.next())
                 .await

@@ -347,7 +347,11 @@ fn kernel_body(
 ) -> ContainerCreateBody {
     let config = &shared.config;
     let tcp = matches!(config.transport, KernelTransport::Tcp { .. });
-    let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Without PYDEVD_DISABLE_FILE_VALIDATION, debugpy warns about frozen modules on stderr (and
+    // so on iopub) at every kernel start.
+    let env = std::iter::once("PYDEVD_DISABLE_FILE_VALIDATION=1".to_owned())
+        .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect();
     let port_bindings = tcp.then(|| {
         TCP_PORTS
             .iter()
