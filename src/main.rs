@@ -233,10 +233,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         "kernelbox: serving on http://{addr}/ ({} backend)",
         sessions.backend()
     );
-    let state = AppState {
-        sessions: sessions.clone(),
-        token,
-    };
+    let state = AppState::new(sessions.clone(), token);
     let result = api::serve(listener, state, shutdown_signal()).await;
     tracing::info!("shutting down: closing every session");
     sessions.shutdown().await;

@@ -2,7 +2,6 @@
 //! `Sandbox`/`KernelProcess` traits and the wire client. Needs the image:
 //! `kernel-image/build.sh` (prints its tag; builds it when missing).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -301,7 +300,7 @@ async fn network_requests_are_refused_unless_allowed() {
         .launch(&LaunchSpec {
             session_id: "wants-net".to_owned(),
             network: true,
-            env: BTreeMap::new(),
+            ..LaunchSpec::default()
         })
         .await;
     assert!(

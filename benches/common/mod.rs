@@ -53,10 +53,7 @@ impl Server {
         let sessions = SessionManager::new(sandbox, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let state = AppState {
-            sessions: sessions.clone(),
-            token: Token::new(TOKEN),
-        };
+        let state = AppState::new(sessions.clone(), Token::new(TOKEN));
         tokio::spawn(api::serve(listener, state, std::future::pending()));
         Ok(Self { addr, sessions })
     }

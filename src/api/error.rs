@@ -35,6 +35,14 @@ impl AppError {
         }
     }
 
+    /// A 404 for an unknown kernel (Jupyter API).
+    pub fn no_kernel(id: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no kernel {id}"),
+        }
+    }
+
     /// A 400 for a malformed request body.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self {
@@ -64,7 +72,12 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(serde_json::json!({ "error": self.message })),
+            // `error` for kernelbox clients; `message` and `reason` as Jupyter clients read them.
+            Json(serde_json::json!({
+                "error": self.message,
+                "message": self.message,
+                "reason": self.status.canonical_reason().unwrap_or(""),
+            })),
         )
             .into_response()
     }

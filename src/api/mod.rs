@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod jupyter;
 pub mod native;
 pub mod sessions;
 
@@ -14,8 +15,14 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
+use dashmap::DashMap;
+
 use crate::session::SessionManager;
 pub use auth::Token;
+pub use jupyter::kernelspecs::KernelSpecs;
+
+/// Most Jupyter clients whose reconnect position is remembered (oldest forgotten first).
+const MAX_JUPYTER_CURSORS: usize = 10_000;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -24,6 +31,54 @@ pub struct AppState {
     pub sessions: Arc<SessionManager>,
     /// The API token.
     pub token: Token,
+    /// The kernels Jupyter clients may start.
+    pub kernelspecs: Arc<KernelSpecs>,
+    /// The last event each Jupyter client (kernel id, client session id) received, so a
+    /// reconnect resumes where it left off.
+    pub jupyter_cursors: Arc<DashMap<(String, String), u64>>,
+}
+
+impl AppState {
+    /// State for a server with the default kernelspec table.
+    pub fn new(sessions: Arc<SessionManager>, token: Token) -> Self {
+        Self {
+            sessions,
+            token,
+            kernelspecs: Arc::new(KernelSpecs::default()),
+            jupyter_cursors: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// The same state with another kernelspec table.
+    pub fn with_kernelspecs(mut self, kernelspecs: KernelSpecs) -> Self {
+        self.kernelspecs = Arc::new(kernelspecs);
+        self
+    }
+
+    /// Records where a Jupyter client's connection ended.
+    pub(crate) fn remember_jupyter_cursor(&self, key: (String, String), seq: u64) {
+        if self.sessions.get(&key.0).is_none() {
+            return;
+        }
+        if self.jupyter_cursors.len() >= MAX_JUPYTER_CURSORS
+            && !self.jupyter_cursors.contains_key(&key)
+        {
+            // Forget the clients of sessions that are gone, then, if still full, anyone's.
+            self.jupyter_cursors
+                .retain(|(session, _), _| self.sessions.get(session).is_some());
+            if self.jupyter_cursors.len() >= MAX_JUPYTER_CURSORS
+                && let Some(any) = self.jupyter_cursors.iter().next().map(|e| e.key().clone())
+            {
+                self.jupyter_cursors.remove(&any);
+            }
+        }
+        self.jupyter_cursors.insert(key, seq);
+    }
+
+    /// Forgets the Jupyter clients of a closed session.
+    pub(crate) fn forget_jupyter_cursors(&self, session: &str) {
+        self.jupyter_cursors.retain(|(s, _), _| s != session);
+    }
 }
 
 /// The whole HTTP application.
@@ -36,9 +91,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/sessions/{id}/ws", get(native::upgrade))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token));
+    let jupyter =
+        jupyter::routes().route_layer(from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/v1", v1)
+        .merge(jupyter)
         .with_state(state)
 }
 

@@ -89,6 +89,7 @@ pub async fn create(
         .create(CreateSession {
             network: body.network,
             env: body.env,
+            ..CreateSession::default()
         })
         .await?;
     Ok((

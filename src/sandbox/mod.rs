@@ -76,6 +76,30 @@ pub enum SandboxError {
     },
 }
 
+/// A kernel other than the backend's default one (what a Jupyter kernelspec names): the image it
+/// lives in and the command that starts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelCommand {
+    /// Container image (Docker backend); `None`: the configured kernel image.
+    pub image: Option<String>,
+    /// The command starting the kernel, with [`CONNECTION_FILE_ARG`] standing for the path of the
+    /// connection file; empty: the backend's default (ipykernel).
+    pub argv: Vec<String>,
+}
+
+/// The placeholder in [`KernelCommand::argv`] for the connection file (as in Jupyter's kernel.json).
+pub const CONNECTION_FILE_ARG: &str = "{connection_file}";
+
+impl KernelCommand {
+    /// `argv` with the connection file's path in place of [`CONNECTION_FILE_ARG`].
+    pub fn argv_with(&self, connection_file: &str) -> Vec<String> {
+        self.argv
+            .iter()
+            .map(|a| a.replace(CONNECTION_FILE_ARG, connection_file))
+            .collect()
+    }
+}
+
 /// What one session asks of the sandbox.
 #[derive(Debug, Clone, Default)]
 pub struct LaunchSpec {
@@ -85,6 +109,8 @@ pub struct LaunchSpec {
     pub network: bool,
     /// Extra environment variables for the kernel.
     pub env: BTreeMap<String, String>,
+    /// Which kernel to start (default: the backend's ipykernel).
+    pub kernel: KernelCommand,
 }
 
 /// A backend that can start kernels.

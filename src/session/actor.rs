@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::events::{EventKind, KernelState, SessionEvent};
+use super::fanout::Fanout;
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
 use super::{Kernel, SessionOptions};
 use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
@@ -40,7 +41,7 @@ pub(crate) struct Actor {
     id: Arc<str>,
     opts: SessionOptions,
     commands: mpsc::Receiver<Command>,
-    events: broadcast::Sender<Arc<SessionEvent>>,
+    fanout: Arc<Fanout>,
     status: Arc<Mutex<Status>>,
     seq: u64,
     state: KernelState,
@@ -64,14 +65,14 @@ impl Actor {
         opts: SessionOptions,
         kernel: Kernel,
         commands: mpsc::Receiver<Command>,
-        events: broadcast::Sender<Arc<SessionEvent>>,
+        fanout: Arc<Fanout>,
         status: Arc<Mutex<Status>>,
     ) -> Self {
         let mut actor = Self {
             id,
             opts,
             commands,
-            events,
+            fanout,
             status,
             seq: 0,
             state: KernelState::Starting,
@@ -236,7 +237,28 @@ impl Actor {
                 });
                 self.query("inspect_request", content, query).await;
             }
+            Command::Forward {
+                channel,
+                msg,
+                origin,
+            } => self.forward(channel, *msg, origin).await,
             Command::Close(_) => {}
+        }
+    }
+
+    /// Sends a client-built message as it is (only signed); answers are tagged with `origin`.
+    async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>) {
+        let Some(client) = &self.client else {
+            let state = self.state.as_str();
+            self.reject(
+                Some(origin),
+                format!("the kernel is {state}: {} was not sent", msg.msg_type()),
+            );
+            return;
+        };
+        match client.send(channel, msg).await {
+            Ok(msg_id) => self.remember(&msg_id, &origin),
+            Err(e) => self.reject(Some(origin), format!("cannot send to the kernel: {e}")),
         }
     }
 
@@ -357,11 +379,8 @@ impl Actor {
             }
             return;
         }
-        if channel == Channel::Control {
-            if msg.msg_type() == "interrupt_reply" {
-                self.interrupt_deadline = None;
-            }
-            return;
+        if channel == Channel::Control && msg.msg_type() == "interrupt_reply" {
+            self.interrupt_deadline = None;
         }
 
         let running = is_running(&self.running);
@@ -552,7 +571,7 @@ impl Actor {
             kind,
         });
         // No subscriber is not an error: the session runs on while nobody listens.
-        let _ = self.events.send(event);
+        self.fanout.publish(event);
     }
 }
 

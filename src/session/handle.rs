@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::events::{KernelState, SessionEvent};
+use super::fanout::{Fanout, Subscription};
+use crate::kernel::{Channel, Message};
 
 /// A cell to run.
 #[derive(Debug, Clone)]
@@ -48,6 +50,11 @@ pub(crate) enum Command {
     InputReply(String),
     Complete(CodeQuery),
     Inspect(CodeQuery),
+    Forward {
+        channel: Channel,
+        msg: Box<Message>,
+        origin: Arc<str>,
+    },
     Close(oneshot::Sender<()>),
 }
 
@@ -90,6 +97,8 @@ pub struct SessionInfo {
     pub connections: usize,
     /// The sandbox backend that runs the kernel.
     pub backend: &'static str,
+    /// The kernelspec the session was started with.
+    pub kernel_name: Arc<str>,
 }
 
 /// Mutable facts the actor updates and handles read.
@@ -105,9 +114,10 @@ pub(crate) struct Status {
 pub struct Session {
     pub(crate) id: Arc<str>,
     pub(crate) created: DateTime<Utc>,
+    pub(crate) kernel_name: Arc<str>,
     pub(crate) backend: &'static str,
     pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) events: broadcast::Sender<Arc<SessionEvent>>,
+    pub(crate) fanout: Arc<Fanout>,
     pub(crate) status: Arc<Mutex<Status>>,
 }
 
@@ -121,7 +131,35 @@ impl Session {
     /// channel's capacity is told how many events it lost (`RecvError::Lagged`); the kernel
     /// and the other subscribers never wait for it.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<SessionEvent>> {
-        self.events.subscribe()
+        self.fanout.subscribe(None).live
+    }
+
+    /// Like [`subscribe`](Self::subscribe), but first hands back the buffered events after
+    /// sequence number `since` (what a reconnecting client missed), exactly once and in order,
+    /// and how many of them the bounded replay buffer no longer held.
+    pub fn subscribe_from(&self, since: Option<u64>) -> Subscription {
+        self.fanout.subscribe(since)
+    }
+
+    /// Sequence number of the session's latest event (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.fanout.last_seq()
+    }
+
+    /// Sends a message a Jupyter client built (its own header, msg_id and session) to the kernel
+    /// on `channel`, signed with the session's key. The kernel's answers carry that header as
+    /// their parent; their events are tagged with `origin`.
+    pub fn forward(
+        &self,
+        channel: Channel,
+        msg: Message,
+        origin: Arc<str>,
+    ) -> Result<(), SessionError> {
+        self.send(Command::Forward {
+            channel,
+            msg: Box::new(msg),
+            origin,
+        })
     }
 
     /// Queues a cell; cells run one at a time in the order they were queued.
@@ -175,8 +213,9 @@ impl Session {
             last_activity,
             execution_count,
             queued,
-            connections: self.events.receiver_count(),
+            connections: self.fanout.subscribers(),
             backend: self.backend,
+            kernel_name: self.kernel_name.clone(),
         }
     }
 

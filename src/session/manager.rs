@@ -5,13 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use dashmap::DashMap;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use super::actor::Actor;
+use super::fanout::Fanout;
 use super::handle::{Session, SessionError, SessionInfo, Status};
 use super::pool::Pool;
 use super::{Kernel, KernelState, SessionOptions};
-use crate::sandbox::{LaunchSpec, Sandbox};
+use crate::sandbox::{KernelCommand, LaunchSpec, Sandbox};
 
 /// What a client may ask for when creating a session.
 #[derive(Debug, Clone, Default)]
@@ -20,7 +21,14 @@ pub struct CreateSession {
     pub network: bool,
     /// Extra environment variables for the kernel.
     pub env: BTreeMap<String, String>,
+    /// A kernel other than the default one (a kernelspec's image and command).
+    pub kernel: KernelCommand,
+    /// The kernelspec name clients see (`python3` when empty).
+    pub kernel_name: String,
 }
+
+/// The kernelspec name of sessions that ask for no other.
+pub const DEFAULT_KERNEL_NAME: &str = "python3";
 
 /// Holds every live session and the sandbox that runs their kernels.
 pub struct SessionManager {
@@ -59,7 +67,14 @@ impl SessionManager {
         }
         // Only plain sessions can take a pooled kernel: the pool's kernels have no network and
         // no extra environment.
-        let plain = !request.network && request.env.is_empty();
+        let kernel_name: Arc<str> = if request.kernel_name.is_empty() {
+            DEFAULT_KERNEL_NAME.into()
+        } else {
+            request.kernel_name.as_str().into()
+        };
+        let plain = !request.network
+            && request.env.is_empty()
+            && request.kernel == KernelCommand::default();
         let pooled = self.pool.as_ref().filter(|_| plain).and_then(|p| p.take());
         let kernel = match pooled {
             Some(kernel) => kernel,
@@ -69,6 +84,7 @@ impl SessionManager {
                     session_id: id.to_string(),
                     network: request.network,
                     env: request.env,
+                    kernel: request.kernel,
                 };
                 let process = self.sandbox.launch(&spec).await?;
                 Kernel {
@@ -78,14 +94,17 @@ impl SessionManager {
                 }
             }
         };
-        Ok(self.spawn(kernel))
+        Ok(self.spawn(kernel, kernel_name))
     }
 
-    fn spawn(&self, kernel: Kernel) -> Arc<Session> {
+    fn spawn(&self, kernel: Kernel, kernel_name: Arc<str>) -> Arc<Session> {
         let id = kernel.id.clone();
         let now = Utc::now();
         let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
-        let (events, _) = broadcast::channel(self.options.subscriber_capacity);
+        let fanout = Arc::new(Fanout::new(
+            self.options.subscriber_capacity,
+            self.options.replay,
+        ));
         let status = Arc::new(Mutex::new(Status {
             state: KernelState::Starting,
             last_activity: now,
@@ -95,9 +114,10 @@ impl SessionManager {
         let session = Arc::new(Session {
             id: id.clone(),
             created: now,
+            kernel_name,
             backend: self.sandbox.name(),
             commands: commands_tx,
-            events: events.clone(),
+            fanout: fanout.clone(),
             status: status.clone(),
         });
         let actor = Actor::new(
@@ -105,7 +125,7 @@ impl SessionManager {
             self.options.clone(),
             kernel,
             commands_rx,
-            events,
+            fanout,
             status,
         );
         let span = tracing::info_span!("session", id = %id);

@@ -3,6 +3,7 @@
 
 mod actor;
 pub mod events;
+mod fanout;
 mod handle;
 pub mod manager;
 mod pool;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use events::{EventKind, KernelState, SessionEvent};
+pub use fanout::{ReplayLimits, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
 pub use manager::{CreateSession, SessionManager};
 
@@ -33,6 +35,8 @@ pub struct SessionOptions {
     pub max_sessions: usize,
     /// Ready kernels kept waiting for new sessions (0: none).
     pub pool_size: usize,
+    /// What each session keeps for clients that reconnect and resume.
+    pub replay: ReplayLimits,
 }
 
 impl Default for SessionOptions {
@@ -44,6 +48,10 @@ impl Default for SessionOptions {
             interrupt_grace: Duration::from_secs(1),
             max_sessions: 256,
             pool_size: 0,
+            replay: ReplayLimits {
+                events: 10_000,
+                bytes: 8 << 20,
+            },
         }
     }
 }

@@ -69,10 +69,7 @@ impl TestServer {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let state = AppState {
-            sessions: sessions.clone(),
-            token: Token::new(&token),
-        };
+        let state = AppState::new(sessions.clone(), Token::new(&token));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = api::serve(listener, state, async move {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
@@ -24,11 +24,21 @@ use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError};
 /// Largest frame a client may send.
 const MAX_CLIENT_FRAME: usize = 16 << 20;
 
-/// `GET /v1/sessions/{id}/ws`: upgrades to the native protocol (404 for unknown sessions).
+/// Query parameters of the WebSocket URL.
+#[derive(Debug, serde::Deserialize)]
+pub struct ConnectParams {
+    /// Resume after this sequence number: the session's buffered events after it are replayed
+    /// before live ones, so a reconnecting client misses nothing and gets nothing twice.
+    since: Option<u64>,
+}
+
+/// `GET /v1/sessions/{id}/ws[?since=N]`: upgrades to the native protocol (404 for unknown
+/// sessions).
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(params): Query<ConnectParams>,
 ) -> Result<Response, AppError> {
     let session = state
         .sessions
@@ -36,26 +46,44 @@ pub async fn upgrade(
         .ok_or_else(|| AppError::no_session(&id))?;
     Ok(ws
         .max_message_size(MAX_CLIENT_FRAME)
-        .on_upgrade(move |socket| connection(socket, session)))
+        .on_upgrade(move |socket| connection(socket, session, params.since)))
 }
 
 /// Serves one WebSocket client of `session` until either side closes.
-async fn connection(socket: WebSocket, session: Arc<Session>) {
-    let mut events = session.subscribe();
+async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>) {
+    let subscription = session.subscribe_from(since);
+    let mut events = subscription.live;
     let (mut sink, mut stream) = socket.split();
     let (replies_tx, mut replies_rx) = mpsc::channel::<String>(64);
 
-    let state = session.info().state;
-    let hello = ServerMessage {
-        seq: None,
-        id: None,
-        event: ServerEvent::Kernel {
-            state,
+    let greeting = match since {
+        Some(since) => ServerEvent::Resumed {
+            since,
+            replayed: subscription.missed.len(),
+            dropped: subscription.dropped,
+        },
+        None => ServerEvent::Kernel {
+            state: session.info().state,
             reason: None,
         },
     };
-    if let Ok(text) = serde_json::to_string(&hello) {
-        let _ = replies_tx.send(text).await;
+    let hello = ServerMessage {
+        seq: None,
+        id: None,
+        event: greeting,
+    };
+    if let Ok(text) = serde_json::to_string(&hello)
+        && sink.send(WsMessage::Text(text.into())).await.is_err()
+    {
+        return;
+    }
+    for event in &subscription.missed {
+        let Some(Ok(text)) = render(event).map(|m| serde_json::to_string(&m)) else {
+            continue;
+        };
+        if sink.send(WsMessage::Text(text.into())).await.is_err() {
+            return;
+        }
     }
 
     let writer = async move {

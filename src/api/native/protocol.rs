@@ -172,6 +172,17 @@ pub enum ServerEvent<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<&'a str>,
     },
+    /// Sent first on a connection that resumed with `?since=N`: the buffered events after `N`
+    /// follow (`replayed` of them), then live ones. `dropped` events after `N` were no longer
+    /// buffered (the session's replay buffer overflowed while nobody was connected).
+    Resumed {
+        /// The last sequence number the client had seen.
+        since: u64,
+        /// Events replayed before the live ones.
+        replayed: usize,
+        /// Events missed that can no longer be replayed.
+        dropped: u64,
+    },
     /// Completions for a `complete` request.
     CompleteReply {
         /// Candidate completions.

@@ -192,11 +192,20 @@ async fn launch_inner(
             });
             let mut outside = ConnectionInfo::ipc(&host_prefix, key);
             outside.kernel_name = "python3".to_owned();
-            let cmd = vec![
-                "-f".to_owned(),
-                format!("{CONTAINER_IPC_DIR}/{CONNECTION_FILE}"),
-            ];
+            let path = format!("{CONTAINER_IPC_DIR}/{CONNECTION_FILE}");
+            let cmd = if spec.kernel.argv.is_empty() {
+                vec!["-f".to_owned(), path]
+            } else {
+                spec.kernel.argv_with(&path)
+            };
             (outside, Some(file), cmd)
+        }
+        KernelTransport::Tcp { .. } if !spec.kernel.argv.is_empty() => {
+            return Err(SandboxError::Launch(
+                "kernels with their own command need the ipc transport (a shared connection \
+                 file)"
+                    .to_owned(),
+            ));
         }
         KernelTransport::Tcp { .. } => {
             // No shared directory with a remote engine: the kernel gets its endpoints and key as
@@ -364,10 +373,24 @@ fn kernel_body(
             })
             .collect()
     });
+    // A kernel with its own command replaces the image's entrypoint; Docker's init then reaps
+    // and forwards signals in place of the default image's tini.
+    let own_command = !spec.kernel.argv.is_empty();
+    let (entrypoint, cmd) = if own_command {
+        (Some(cmd), Some(Vec::new()))
+    } else {
+        (None, Some(cmd))
+    };
     ContainerCreateBody {
-        image: Some(config.image.clone()),
+        image: Some(
+            spec.kernel
+                .image
+                .clone()
+                .unwrap_or_else(|| config.image.clone()),
+        ),
         user: Some(format!("{}:{}", config.uid, config.gid)),
-        cmd: Some(cmd),
+        entrypoint,
+        cmd,
         env: Some(env),
         labels: Some(labels),
         working_dir: Some(CONTAINER_WORK_DIR.to_owned()),
@@ -388,8 +411,8 @@ fn kernel_body(
             memory_swap: Some(config.memory_bytes),
             nano_cpus: Some((config.cpus * 1e9) as i64),
             pids_limit: Some(config.pids_limit),
-            // The image's entrypoint is tini; a second init would only add a process.
-            init: Some(false),
+            // The default image's entrypoint is tini; a second init would only add a process.
+            init: Some(own_command),
             log_config: Some(small_log()),
             ..Default::default()
         }),

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::{ExitReason, KernelProcess, LaunchSpec, Sandbox, SandboxError};
+use super::{CONNECTION_FILE_ARG, ExitReason, KernelProcess, LaunchSpec, Sandbox, SandboxError};
 use crate::kernel::ConnectionInfo;
 
 /// Starts kernels as `python -m ipykernel_launcher -f <connection file>` child processes.
@@ -70,6 +70,7 @@ impl Sandbox for LocalSandbox {
             conn_file,
             info,
             env: spec.env.clone().into_iter().collect(),
+            argv: spec.kernel.argv.clone(),
             run: Mutex::new(None),
         };
         process.start()?;
@@ -91,20 +92,34 @@ struct LocalKernel {
     conn_file: PathBuf,
     info: ConnectionInfo,
     env: Vec<(String, String)>,
+    /// A kernelspec's own command (`{connection_file}` placeholders); empty: ipykernel.
+    argv: Vec<String>,
     run: Mutex<Option<Run>>,
 }
 
 impl LocalKernel {
     /// Spawns the kernel process and a task that reports its exit.
     fn start(&self) -> Result<(), SandboxError> {
-        let mut cmd = Command::new(&self.python);
-        cmd.arg("-m")
-            .arg("ipykernel_launcher")
-            .arg("-f")
-            .arg(&self.conn_file)
-            // An in-memory history: no SQLite write per cell, nothing shared between kernels.
-            .arg("--HistoryManager.hist_file=:memory:")
-            .current_dir(&self.work)
+        let mut cmd = match self.argv.split_first() {
+            Some((program, args)) => {
+                let file = self.conn_file.to_string_lossy();
+                let mut cmd = Command::new(program.replace(CONNECTION_FILE_ARG, &file));
+                cmd.args(args.iter().map(|a| a.replace(CONNECTION_FILE_ARG, &file)));
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(&self.python);
+                cmd.arg("-m")
+                    .arg("ipykernel_launcher")
+                    .arg("-f")
+                    .arg(&self.conn_file)
+                    // An in-memory history: no SQLite write per cell, nothing shared between
+                    // kernels.
+                    .arg("--HistoryManager.hist_file=:memory:");
+                cmd
+            }
+        };
+        cmd.current_dir(&self.work)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("MPLBACKEND", "module://matplotlib_inline.backend_inline")
             // Without it, debugpy warns about frozen modules on stderr at every start.
