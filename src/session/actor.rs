@@ -56,6 +56,8 @@ pub(crate) struct Actor {
     recent: VecDeque<(String, Arc<str>)>,
     input_parent: Option<Header>,
     interrupt_deadline: Option<Instant>,
+    /// Client-built messages waiting for the kernel to be ready.
+    forwards: VecDeque<(Channel, Message, Arc<str>)>,
 }
 
 impl Actor {
@@ -87,6 +89,7 @@ impl Actor {
             recent: VecDeque::new(),
             input_parent: None,
             interrupt_deadline: None,
+            forwards: VecDeque::new(),
         };
         match kernel.client {
             Some((client, incoming)) => {
@@ -114,7 +117,10 @@ impl Actor {
                     Some(command) => self.handle(command).await,
                     None => break,
                 },
-                result = poll_connecting(&mut self.connecting) => self.on_connected(result),
+                result = poll_connecting(&mut self.connecting) => {
+                    self.on_connected(result);
+                    self.flush_forwards().await;
+                }
                 incoming = recv_incoming(&mut self.incoming) => match incoming {
                     Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg).await,
                     Some(Incoming::HeartbeatLost) => self.on_death(ExitReason::HeartbeatLost),
@@ -246,9 +252,23 @@ impl Actor {
         }
     }
 
+    /// Sends the messages that waited for the kernel (or rejects them if it did not come up).
+    async fn flush_forwards(&mut self) {
+        for (channel, msg, origin) in std::mem::take(&mut self.forwards) {
+            self.forward(channel, msg, origin).await;
+        }
+    }
+
     /// Sends a client-built message as it is (only signed); answers are tagged with `origin`.
+    /// While the kernel is starting or restarting, messages wait (bounded) and go once it is
+    /// ready, as a Jupyter client expects of a kernel it just started.
     async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>) {
         let Some(client) = &self.client else {
+            let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
+            if waiting && self.forwards.len() < self.opts.max_queue {
+                self.forwards.push_back((channel, msg, origin));
+                return;
+            }
             let state = self.state.as_str();
             self.reject(
                 Some(origin),
@@ -323,6 +343,7 @@ impl Actor {
             Err(e) => {
                 self.watching_exit = false;
                 self.set_state(KernelState::Dead, Some(e.to_string()));
+                self.flush_forwards().await;
             }
         }
     }
@@ -461,6 +482,10 @@ impl Actor {
         // The death first, then the cells it aborted: clients learn the cause before the effect.
         self.set_state(KernelState::Dead, Some(reason.to_string()));
         self.abort_all("aborted");
+        for (_, msg, origin) in std::mem::take(&mut self.forwards) {
+            let what = format!("the kernel died: {} was not sent", msg.msg_type());
+            self.reject(Some(origin), what);
+        }
     }
 
     async fn on_deadline(&mut self) {

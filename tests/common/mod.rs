@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use kernelbox::api::{self, AppState, Token};
+pub mod jupyter;
+
+use kernelbox::api::{self, AppState, KernelSpecs, Token};
 use kernelbox::sandbox::Sandbox;
 use kernelbox::sandbox::local::LocalSandbox;
 use kernelbox::session::{SessionManager, SessionOptions};
@@ -63,13 +65,23 @@ impl TestServer {
 
     /// A server on `sandbox`.
     pub async fn start(sandbox: Arc<dyn Sandbox>, options: SessionOptions) -> Self {
+        Self::start_with(sandbox, options, KernelSpecs::default()).await
+    }
+
+    /// A server on `sandbox` offering `kernelspecs` to Jupyter clients.
+    pub async fn start_with(
+        sandbox: Arc<dyn Sandbox>,
+        options: SessionOptions,
+        kernelspecs: KernelSpecs,
+    ) -> Self {
         let sessions = SessionManager::new(sandbox, options);
         let token = format!("test-{}", uuid::Uuid::new_v4().simple());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let state = AppState::new(sessions.clone(), Token::new(&token));
+        let state =
+            AppState::new(sessions.clone(), Token::new(&token)).with_kernelspecs(kernelspecs);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = api::serve(listener, state, async move {
@@ -113,6 +125,18 @@ impl TestServer {
         );
         let body: Value = resp.json().await.expect("json");
         body["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Opens the native WebSocket of a session, resuming after event `since`.
+    pub async fn ws_since(&self, id: &str, since: u64) -> Ws {
+        let url = format!(
+            "ws://{}/v1/sessions/{id}/ws?token={}&since={since}",
+            self.addr, self.token
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
+        Ws { stream }
     }
 
     /// Opens the native WebSocket of a session.
