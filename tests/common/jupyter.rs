@@ -157,7 +157,7 @@ impl JupyterWs {
     pub async fn collect(&mut self, id: &str) -> Execution {
         let mut out = Execution::default();
         let mut idle = false;
-        while !(idle && !out.reply.is_null()) {
+        while !idle || out.reply.is_null() {
             let msg = self.next().await;
             if msg["parent_header"]["msg_id"] != id {
                 continue;
