@@ -5,9 +5,13 @@
 //! - [`session`] — one kernel + its ordered execution queue, subscribers and lifecycle.
 //! - [`kernel`] — the Jupyter wire protocol client (ZeroMQ, HMAC signing, framing).
 //! - [`sandbox`] — where kernels run: a Docker container or a local process.
+//!
+//! Beside them, [`repl`] is a client: the interactive terminal REPL, speaking the native protocol
+//! to a server over the network like any other client.
 
 pub mod api;
 pub mod config;
 pub mod kernel;
+pub mod repl;
 pub mod sandbox;
 pub mod session;

@@ -35,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// An interactive REPL on a session of a running server.
+    Repl(ReplArgs),
     /// Print the native protocol's JSON Schema (or write it to a file).
     Schema {
         /// Write to this file instead of stdout.
@@ -106,6 +108,25 @@ struct ServeArgs {
     log_json: bool,
 }
 
+#[derive(clap::Args)]
+struct ReplArgs {
+    /// The server's URL.
+    #[arg(default_value = "http://127.0.0.1:8888")]
+    url: String,
+    /// API token.
+    #[arg(long, env = "KERNELBOX_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Reopen this session instead of starting a new one (it is kept on exit).
+    #[arg(long)]
+    session: Option<String>,
+    /// Where images are saved (default: a temporary directory).
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+    /// Keep the new session when the REPL exits.
+    #[arg(long)]
+    keep: bool,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -130,6 +151,15 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Schema { out } => schema(out),
+        Command::Repl(args) => kernelbox::repl::run(kernelbox::repl::ReplOptions {
+            url: args.url,
+            token: args.token,
+            session: args.session,
+            image_dir: args.image_dir,
+            keep: args.keep,
+        })
+        .await
+        .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

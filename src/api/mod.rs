@@ -6,6 +6,7 @@ pub mod error;
 pub mod jupyter;
 pub mod native;
 pub mod sessions;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -97,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .nest("/v1", v1)
         .merge(jupyter)
+        .merge(web::routes())
         .with_state(state)
 }
 

@@ -243,6 +243,10 @@ impl Actor {
                 });
                 self.query("inspect_request", content, query).await;
             }
+            Command::IsComplete(query) => {
+                let content = json!({"code": query.code});
+                self.query("is_complete_request", content, query).await;
+            }
             Command::Forward {
                 channel,
                 msg,

@@ -50,6 +50,7 @@ pub(crate) enum Command {
     InputReply(String),
     Complete(CodeQuery),
     Inspect(CodeQuery),
+    IsComplete(CodeQuery),
     Forward {
         channel: Channel,
         msg: Box<Message>,
@@ -185,6 +186,11 @@ impl Session {
     /// Asks the kernel for completions at the cursor.
     pub fn complete(&self, query: CodeQuery) -> Result<(), SessionError> {
         self.send(Command::Complete(query))
+    }
+
+    /// Asks the kernel whether the code is a complete statement.
+    pub fn is_complete(&self, query: CodeQuery) -> Result<(), SessionError> {
+        self.send(Command::IsComplete(query))
     }
 
     /// Asks the kernel for documentation of the object at the cursor.

@@ -201,6 +201,16 @@ fn handle_text(session: &Session, text: &str) -> Option<String> {
             };
             (Some(id), session.complete(query))
         }
+        ClientMessage::IsComplete { id, code } => {
+            let id: Arc<str> = id.unwrap_or_else(new_id).into();
+            let query = CodeQuery {
+                id: id.clone(),
+                code,
+                cursor: 0,
+                detail_level: 0,
+            };
+            (Some(id), session.is_complete(query))
+        }
         ClientMessage::Inspect {
             id,
             code,

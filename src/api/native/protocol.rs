@@ -52,6 +52,14 @@ pub enum ClientMessage {
         /// Cursor position in unicode code points.
         cursor: usize,
     },
+    /// Ask whether `code` is a complete statement (a REPL's "run or continue?" question).
+    IsComplete {
+        /// The client's id for the request, echoed on the reply.
+        #[serde(default)]
+        id: Option<String>,
+        /// The code typed so far.
+        code: String,
+    },
     /// Ask for documentation of the object at `cursor`.
     Inspect {
         /// The client's id for the request, echoed on the reply.
@@ -193,6 +201,14 @@ pub enum ServerEvent<'a> {
         cursor_end: Option<i64>,
         /// Extra information (types, signatures).
         metadata: &'a Value,
+    },
+    /// Answer to `is_complete`.
+    IsCompleteReply {
+        /// `complete`, `incomplete`, `invalid` or `unknown`.
+        status: &'a str,
+        /// For `incomplete`: the indentation of the next line.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        indent: Option<&'a str>,
     },
     /// Documentation for an `inspect` request.
     InspectReply {

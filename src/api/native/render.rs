@@ -85,6 +85,10 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
                     cursor_end: c.get("cursor_end").and_then(Value::as_i64),
                     metadata: field(c, "metadata"),
                 },
+                (Channel::Shell, "is_complete_reply") => ServerEvent::IsCompleteReply {
+                    status: text(c, "status"),
+                    indent: c.get("indent").and_then(Value::as_str),
+                },
                 (Channel::Shell, "inspect_reply") => ServerEvent::InspectReply {
                     found: c.get("found").and_then(Value::as_bool).unwrap_or(false),
                     data: field(c, "data"),

@@ -1,0 +1,53 @@
+//! The browser notebook at `/`: a single page whose assets are embedded in the binary (no CDN,
+//! works offline). The page asks for the token itself, so these routes need none; every API
+//! call it makes is authenticated.
+
+use axum::Router;
+use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use super::AppState;
+
+const INDEX: &str = include_str!("../../web/index.html");
+const NOTEBOOK_JS: &str = include_str!("../../web/notebook.js");
+const NOTEBOOK_CSS: &str = include_str!("../../web/notebook.css");
+const CLIENT_JS: &str = include_str!("../../clients/js/kernelbox.js");
+
+/// The page's policy: its own scripts and styles only; images from data/blob URLs (kernel
+/// output); user HTML only inside sandboxed `srcdoc` frames, which never get this origin.
+const CSP: &str = "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; \
+                   script-src 'self'; connect-src 'self' ws: wss:; frame-src 'self' data: blob: about:; \
+                   object-src 'none'; base-uri 'none'";
+
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (CONTENT_TYPE, content_type),
+            (CACHE_CONTROL, "no-cache"),
+            (CONTENT_SECURITY_POLICY, CSP),
+        ],
+        body,
+    )
+}
+
+/// The notebook's routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/static/notebook.js",
+            get(|| async { asset("text/javascript; charset=utf-8", NOTEBOOK_JS) }),
+        )
+        .route(
+            "/static/notebook.css",
+            get(|| async { asset("text/css; charset=utf-8", NOTEBOOK_CSS) }),
+        )
+        .route(
+            "/static/kernelbox.js",
+            get(|| async { asset("text/javascript; charset=utf-8", CLIENT_JS) }),
+        )
+}
