@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kernelbox::api::{self, AppState, Token};
+use kernelbox::api::{self, AppState, KernelSpecs, Token};
 use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
 use kernelbox::sandbox::{Sandbox, SandboxError};
-use kernelbox::session::{SessionManager, SessionOptions};
+use kernelbox::session::{ReplayLimits, SessionManager, SessionOptions};
 
 /// A server that gives every client session its own sandboxed Jupyter kernel.
 #[derive(Parser)]
@@ -103,6 +103,16 @@ struct ServeArgs {
     /// Most sessions at once.
     #[arg(long, env = "KERNELBOX_MAX_SESSIONS", default_value_t = 256)]
     max_sessions: usize,
+    /// Kernelspecs Jupyter clients may start: a JSON file
+    /// `{"default": "python3", "kernelspecs": {"name": {"display_name", "language", "image", "argv"}}}`.
+    #[arg(long, env = "KERNELBOX_KERNELSPECS")]
+    kernelspecs: Option<PathBuf>,
+    /// Events each session keeps for clients that reconnect and resume.
+    #[arg(long, env = "KERNELBOX_REPLAY_EVENTS", default_value_t = 10_000)]
+    replay_events: usize,
+    /// Bytes (MiB) of events each session keeps for clients that reconnect and resume.
+    #[arg(long, env = "KERNELBOX_REPLAY_MB", default_value_t = 8)]
+    replay_mb: usize,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -239,9 +249,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Ok(n) => tracing::info!(removed = n, "removed kernels a previous run left behind"),
         Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
     }
+    let kernelspecs = match &args.kernelspecs {
+        Some(path) => KernelSpecs::from_file(path).map_err(|e| e.to_string())?,
+        None => KernelSpecs::default(),
+    };
     let options = SessionOptions {
         max_sessions: args.max_sessions,
         pool_size: args.pool_size,
+        replay: ReplayLimits {
+            events: args.replay_events,
+            bytes: args.replay_mb.saturating_mul(1 << 20),
+        },
         ..SessionOptions::default()
     };
     let sessions = SessionManager::new(sandbox, options);
@@ -263,7 +281,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         "kernelbox: serving on http://{addr}/ ({} backend)",
         sessions.backend()
     );
-    let state = AppState::new(sessions.clone(), token);
+    let state = AppState::new(sessions.clone(), token).with_kernelspecs(kernelspecs);
     let result = api::serve(listener, state, shutdown_signal()).await;
     tracing::info!("shutting down: closing every session");
     sessions.shutdown().await;
