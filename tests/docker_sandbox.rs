@@ -694,11 +694,9 @@ async fn start_to_ready_latency() {
     eprintln!("median start -> ready: {:?}", samples[samples.len() / 2]);
 }
 
-/// The kernel side of tcp is right (jupyter_client connects and executes with exactly this
-/// connection info), but the wire client never gets a ready kernel_info round trip through the
-/// engine's port proxy, so this waits for a fix on the client side.
+/// The tcp transport (for engines on other hosts, with no shared directory): the kernel's ports
+/// are published on the loopback address only, and stay the same across restarts.
 #[tokio::test]
-#[ignore = "wire client cannot get ready through docker-proxy"]
 async fn the_tcp_transport_works_through_published_ports() {
     let fixture = Fixture::with(|c| {
         c.transport = KernelTransport::Tcp {

@@ -1,6 +1,8 @@
 //! The browser notebook at `/`: a single page whose assets are embedded in the binary (no CDN,
 //! works offline). The page asks for the token itself, so these routes need none; every API
-//! call it makes is authenticated.
+//! call it makes is authenticated. `output-frame.js` runs inside the sandboxed frames that show
+//! user HTML (it only reports their height: frames inherit the page's policy, so inline scripts
+//! cannot do it).
 
 use axum::Router;
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
@@ -13,6 +15,7 @@ const INDEX: &str = include_str!("../../web/index.html");
 const NOTEBOOK_JS: &str = include_str!("../../web/notebook.js");
 const NOTEBOOK_CSS: &str = include_str!("../../web/notebook.css");
 const CLIENT_JS: &str = include_str!("../../clients/js/kernelbox.js");
+const OUTPUT_FRAME_JS: &str = include_str!("../../web/output-frame.js");
 
 /// The page's policy: its own scripts and styles only; images from data/blob URLs (kernel
 /// output); user HTML only inside sandboxed `srcdoc` frames, which never get this origin.
@@ -49,5 +52,9 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/static/kernelbox.js",
             get(|| async { asset("text/javascript; charset=utf-8", CLIENT_JS) }),
+        )
+        .route(
+            "/static/output-frame.js",
+            get(|| async { asset("text/javascript; charset=utf-8", OUTPUT_FRAME_JS) }),
         )
 }

@@ -428,11 +428,7 @@ async fn wait_listening(info: &ConnectionInfo, channel: Channel, deadline: Insta
     use std::io::ErrorKind;
     loop {
         let probe = match info.transport {
-            Transport::Tcp => {
-                tokio::net::TcpStream::connect((info.ip.as_str(), info.port(channel)))
-                    .await
-                    .map(drop)
-            }
+            Transport::Tcp => probe_zmtp(&info.ip, info.port(channel)).await,
             Transport::Ipc => tokio::net::UnixStream::connect(info.ipc_path(channel))
                 .await
                 .map(drop),
@@ -446,6 +442,23 @@ async fn wait_listening(info: &ConnectionInfo, channel: Channel, deadline: Insta
             }
             _ => return,
         }
+    }
+}
+
+/// A TCP endpoint is listening when a ZeroMQ peer answers there: a port proxy (Docker's
+/// `docker-proxy`, a load balancer) accepts connections before the kernel behind it binds, so a
+/// bare connect proves nothing. ZMTP peers send their greeting as soon as a connection opens;
+/// a proxy with nothing behind it closes the connection instead (reported as refused).
+async fn probe_zmtp(host: &str, port: u16) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIGNATURE: [u8; 10] = [0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0x7f];
+    let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
+    stream.write_all(&SIGNATURE).await?;
+    let mut first = [0u8; 1];
+    let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut first)).await {
+        Ok(Ok(1..)) => Ok(()),
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Err(refused()),
     }
 }
 

@@ -293,7 +293,22 @@ async fn launch_inner(
         keeper_labels.insert(LABEL_ROLE.to_owned(), ROLE_KEEPER.to_owned());
         keeper_body(shared, name, keeper_labels)
     });
-    let body = kernel_body(shared, spec, labels, cmd, mounts, network);
+    // With a local engine, kernelbox picks the host ports itself: bound to the loopback address
+    // only, and the same across container restarts (an engine assigns new random ports at every
+    // start, and may report them late). A remote engine assigns them.
+    let host_ports = match &config.transport {
+        KernelTransport::Tcp { connect_host } => loopback_ports(connect_host)?,
+        KernelTransport::Ipc => None,
+    };
+    let body = kernel_body(
+        shared,
+        spec,
+        labels,
+        cmd,
+        mounts,
+        network,
+        host_ports.as_ref(),
+    );
     let keeper = async {
         match keeper_body {
             Some(keeper_body) => Some(create_and_start(docker, keeper_body).await),
@@ -315,9 +330,21 @@ async fn launch_inner(
     let id = kernel_id.ok_or_else(|| SandboxError::Launch("no container id".to_owned()))?;
 
     let connection = match &config.transport {
-        KernelTransport::Tcp { connect_host } => {
-            tcp_connection(docker, &id, connect_host, connection).await?
-        }
+        KernelTransport::Tcp { connect_host } => match &host_ports {
+            Some((_, ports)) => {
+                let mut info = connection;
+                info.ip = connect_host.clone();
+                [
+                    info.shell_port,
+                    info.iopub_port,
+                    info.stdin_port,
+                    info.control_port,
+                    info.hb_port,
+                ] = *ports;
+                info
+            }
+            None => tcp_connection(docker, &id, connect_host, connection).await?,
+        },
         KernelTransport::Ipc => connection,
     };
 
@@ -353,6 +380,7 @@ fn kernel_body(
     cmd: Vec<String>,
     mounts: Vec<Mount>,
     network: String,
+    host_ports: Option<&(String, [u16; 5])>,
 ) -> ContainerCreateBody {
     let config = &shared.config;
     let tcp = matches!(config.transport, KernelTransport::Tcp { .. });
@@ -364,10 +392,17 @@ fn kernel_body(
     let port_bindings = tcp.then(|| {
         TCP_PORTS
             .iter()
-            .map(|port| {
-                let binding = PortBinding {
-                    host_ip: None,
-                    host_port: Some(String::new()),
+            .enumerate()
+            .map(|(i, port)| {
+                let binding = match host_ports {
+                    Some((ip, ports)) => PortBinding {
+                        host_ip: Some(ip.clone()),
+                        host_port: Some(ports[i].to_string()),
+                    },
+                    None => PortBinding {
+                        host_ip: None,
+                        host_port: Some(String::new()),
+                    },
                 };
                 (format!("{port}/tcp"), Some(vec![binding]))
             })
@@ -500,6 +535,40 @@ async fn start(docker: &Docker, id: &str) -> Result<(), SandboxError> {
         .start_container(id, None::<StartContainerOptions>)
         .await
         .map_err(|err| SandboxError::Launch(format!("cannot start container {id}: {err}")))
+}
+
+/// Five free ports on `host` when it is a loopback address (the engine runs here), with the
+/// address to bind them to; `None` for other hosts.
+fn loopback_ports(host: &str) -> Result<Option<(String, [u16; 5])>, SandboxError> {
+    let ip: std::net::IpAddr = match host {
+        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+        other => match other.parse() {
+            Ok(ip) => ip,
+            Err(_) => return Ok(None),
+        },
+    };
+    if !ip.is_loopback() {
+        return Ok(None);
+    }
+    // Hold all five listeners at once so the kernel gets five distinct ports.
+    let listeners = (0..5)
+        .map(|_| std::net::TcpListener::bind((ip, 0)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| SandboxError::Io {
+            context: format!("finding free ports on {ip}"),
+            source,
+        })?;
+    let mut ports = [0u16; 5];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener
+            .local_addr()
+            .map_err(|source| SandboxError::Io {
+                context: format!("finding free ports on {ip}"),
+                source,
+            })?
+            .port();
+    }
+    Ok(Some((ip.to_string(), ports)))
 }
 
 /// Fills in the host ports the engine published for a tcp kernel.
