@@ -518,3 +518,32 @@ async fn the_v1_binary_subprotocol_is_spoken_when_asked_for() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_kernel_is_a_dead_status_and_a_restart_brings_it_back() {
+    let server = server().await;
+    let id = start_kernel(&server, "python3").await;
+    let mut ws = open(&server, &id, "mortal").await;
+    ws.submit("import os; os._exit(3)").await;
+    ws.until(|m| m["channel"] == "iopub" && m["content"]["execution_state"] == "dead")
+        .await;
+    let (_, model) = call(&server, "GET", &format!("/api/kernels/{id}"), None).await;
+    assert_eq!(model["execution_state"], "dead");
+    let (status, model) = call(
+        &server,
+        "POST",
+        &format!("/api/kernels/{id}/restart"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        (status, &model["execution_state"]),
+        (200, &json!("idle")),
+        "{model}"
+    );
+    assert_eq!(
+        ws.execute("1 + 2").await.result_text().as_deref(),
+        Some("3")
+    );
+    server.stop().await;
+}
