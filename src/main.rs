@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kernelbox::api::{self, AppState, KernelSpecs, Token};
@@ -113,6 +114,23 @@ struct ServeArgs {
     /// Bytes (MiB) of events each session keeps for clients that reconnect and resume.
     #[arg(long, env = "KERNELBOX_REPLAY_MB", default_value_t = 8)]
     replay_mb: usize,
+    /// Time limit (seconds) for cells that set none (`timeout_s`); unlimited when not set. A
+    /// timed-out cell is interrupted, and the kernel restarted if it does not stop.
+    #[arg(long, env = "KERNELBOX_CELL_TIMEOUT_S")]
+    cell_timeout_s: Option<f64>,
+    /// Seconds a timed-out cell may take to stop after its interrupt before the kernel is
+    /// restarted.
+    #[arg(long, env = "KERNELBOX_TIMEOUT_RESTART_GRACE_S", default_value_t = 5.0)]
+    timeout_restart_grace_s: f64,
+    /// Output (MiB) one cell may produce; beyond it output is dropped and the client told.
+    #[arg(long, env = "KERNELBOX_MAX_CELL_OUTPUT_MB", default_value_t = 64)]
+    max_cell_output_mb: usize,
+    /// Close sessions idle this many seconds (0: never). Busy sessions are never culled.
+    #[arg(long, env = "KERNELBOX_CULL_IDLE_S", default_value_t = 3600)]
+    cull_idle_s: u64,
+    /// Cull idle sessions even while a client is connected.
+    #[arg(long, env = "KERNELBOX_CULL_CONNECTED")]
+    cull_connected: bool,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -260,6 +278,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             events: args.replay_events,
             bytes: args.replay_mb.saturating_mul(1 << 20),
         },
+        default_cell_timeout: seconds("--cell-timeout-s", args.cell_timeout_s)?,
+        timeout_restart_grace: seconds(
+            "--timeout-restart-grace-s",
+            Some(args.timeout_restart_grace_s),
+        )?
+        .unwrap_or_default(),
+        max_cell_output_bytes: args.max_cell_output_mb.saturating_mul(1 << 20),
+        cull_idle: (args.cull_idle_s > 0).then(|| Duration::from_secs(args.cull_idle_s)),
+        cull_connected: args.cull_connected,
         ..SessionOptions::default()
     };
     let sessions = SessionManager::new(sandbox, options);
@@ -300,6 +327,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term.recv() => {},
+    }
+}
+
+/// A positive number of seconds from the command line, or a message naming the flag.
+fn seconds(flag: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
+    match value {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(format!(
+            "{flag} must be a positive number of seconds, not {s}"
+        )),
     }
 }
 

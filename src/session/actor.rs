@@ -30,6 +30,12 @@ struct Running {
     reply: Option<(String, Option<i64>)>,
     idle: bool,
     timed_out: bool,
+    /// When a timed-out cell that has not stopped gets its kernel restarted.
+    restart_at: Option<Instant>,
+    /// Output bytes relayed so far, and what was dropped past the cap.
+    output_bytes: usize,
+    dropped_bytes: usize,
+    dropped_messages: usize,
 }
 
 /// A connection attempt in flight.
@@ -202,10 +208,17 @@ impl Actor {
                     cell: request.cell,
                     msg_id,
                     started,
-                    deadline: request.timeout.map(|t| started + t),
+                    deadline: request
+                        .timeout
+                        .or(self.opts.default_cell_timeout)
+                        .map(|t| started + t),
                     reply: None,
                     idle: false,
                     timed_out: false,
+                    restart_at: None,
+                    output_bytes: 0,
+                    dropped_bytes: 0,
+                    dropped_messages: 0,
                 });
                 self.set_state(KernelState::Busy, None);
                 Ok(())
@@ -436,6 +449,10 @@ impl Actor {
             }
             _ => {}
         }
+        if running && channel == Channel::IoPub && !self.within_output_cap(&msg) {
+            self.finish_if_done();
+            return;
+        }
         self.emit(
             cell,
             EventKind::Kernel {
@@ -444,6 +461,46 @@ impl Actor {
             },
         );
         self.finish_if_done();
+    }
+
+    /// Counts an output message of the running cell against the per-cell cap; `false` when it
+    /// must be dropped (the first drop is announced, the total at the cell's end).
+    fn within_output_cap(&mut self, msg: &Message) -> bool {
+        let size = match msg.msg_type() {
+            "stream" => msg
+                .content
+                .get("text")
+                .and_then(Value::as_str)
+                .map_or(0, str::len),
+            "display_data" | "update_display_data" | "execute_result" | "error" => {
+                msg.content.to_string().len()
+            }
+            _ => return true,
+        };
+        let cap = self.opts.max_cell_output_bytes;
+        let Some(r) = self.running.as_mut() else {
+            return true;
+        };
+        if r.dropped_messages == 0 && r.output_bytes + size <= cap {
+            r.output_bytes += size;
+            return true;
+        }
+        r.dropped_bytes += size;
+        r.dropped_messages += 1;
+        if r.dropped_messages == 1 {
+            let cell = r.cell.clone();
+            self.emit(
+                Some(cell),
+                EventKind::Limit {
+                    limit: "OutputLimit",
+                    message: format!(
+                        "the cell's output passed its limit of {}: further output is dropped",
+                        human_bytes(cap)
+                    ),
+                },
+            );
+        }
+        false
     }
 
     /// Emits `done` once the cell's reply and its final idle status have both arrived, so every
@@ -463,6 +520,20 @@ impl Actor {
         };
         if let Some(count) = count {
             self.update_status(|s| s.execution_count = count);
+        }
+        if r.dropped_messages > 0 {
+            self.emit(
+                Some(r.cell.clone()),
+                EventKind::Limit {
+                    limit: "OutputLimit",
+                    message: format!(
+                        "dropped {} of output in {} messages beyond the cell's limit of {}",
+                        human_bytes(r.dropped_bytes),
+                        r.dropped_messages,
+                        human_bytes(self.opts.max_cell_output_bytes)
+                    ),
+                },
+            );
         }
         self.interrupt_deadline = None;
         self.emit(
@@ -497,25 +568,66 @@ impl Actor {
         if self.interrupt_deadline.is_some_and(|d| d <= now) {
             self.signal_interrupt().await;
         }
+        let grace = self.opts.timeout_restart_grace;
         let timed_out = match self.running.as_mut() {
             Some(r) if r.deadline.is_some_and(|d| d <= now) => {
                 r.deadline = None;
                 r.timed_out = true;
-                true
+                r.restart_at = Some(now + grace);
+                Some((r.cell.clone(), r.started.elapsed()))
             }
-            _ => false,
+            _ => None,
         };
-        if timed_out {
+        if let Some((cell, ran)) = timed_out {
+            self.emit(
+                Some(cell),
+                EventKind::Limit {
+                    limit: "CellTimeout",
+                    message: format!(
+                        "the cell ran past its time limit ({:.1} s): interrupting it",
+                        ran.as_secs_f64()
+                    ),
+                },
+            );
             self.interrupt().await;
+        }
+        let stuck = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.restart_at.is_some_and(|d| d <= now));
+        if stuck && let Some(r) = self.running.take() {
+            self.emit(
+                Some(r.cell.clone()),
+                EventKind::Limit {
+                    limit: "CellTimeout",
+                    message: format!(
+                        "the cell did not stop within {:.1} s of its interrupt: restarting the \
+                         kernel (variables are lost)",
+                        grace.as_secs_f64()
+                    ),
+                },
+            );
+            self.emit(
+                Some(r.cell),
+                EventKind::Done {
+                    status: "timeout",
+                    execution_count: None,
+                    duration_ms: millis(r.started.elapsed()),
+                },
+            );
+            self.restart().await;
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let cell = self.running.as_ref().and_then(|r| r.deadline);
-        match (cell, self.interrupt_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.running.as_ref().and_then(|r| r.deadline),
+            self.running.as_ref().and_then(|r| r.restart_at),
+            self.interrupt_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Tells clients that the running and queued cells will never finish.
@@ -629,4 +741,20 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `n` bytes as people read them (`512 B`, `1.5 KiB`, `64.0 MiB`).
+fn human_bytes(n: usize) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

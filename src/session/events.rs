@@ -83,6 +83,13 @@ pub enum EventKind {
         /// Why, for `dead` (e.g. "out of memory") and failures.
         reason: Option<String>,
     },
+    /// A limit was hit (cell timeout, output cap): what happened and what was done about it.
+    Limit {
+        /// Which limit: `CellTimeout` or `OutputLimit`.
+        limit: &'static str,
+        /// What happened, for the client.
+        message: String,
+    },
     /// A request could not be carried out (e.g. the kernel is dead, the queue is full).
     Rejected {
         /// What was wrong, for the client.

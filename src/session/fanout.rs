@@ -21,6 +21,9 @@ pub struct Subscription {
     pub dropped: u64,
     /// Every event from now on.
     pub live: broadcast::Receiver<Arc<SessionEvent>>,
+    /// Sequence number of the last event before `live` begins (what `missed` ends with, or the
+    /// session's latest event when nothing is replayed).
+    pub last_seq: u64,
 }
 
 /// Bounds of the replay buffer.
@@ -91,6 +94,7 @@ impl Fanout {
                 missed: Vec::new(),
                 dropped: 0,
                 live: self.live.subscribe(),
+                last_seq: 0,
             };
         };
         let live = self.live.subscribe();
@@ -99,6 +103,7 @@ impl Fanout {
                 missed: Vec::new(),
                 dropped: 0,
                 live,
+                last_seq: buffer.last_seq,
             };
         };
         let missed: Vec<Arc<SessionEvent>> = buffer
@@ -113,6 +118,7 @@ impl Fanout {
             missed,
             dropped,
             live,
+            last_seq: buffer.last_seq,
         }
     }
 
@@ -136,7 +142,7 @@ fn estimated_size(event: &SessionEvent) -> usize {
                 + json_size(&msg.metadata)
                 + msg.buffers.iter().map(|b| b.len()).sum::<usize>()
         }
-        EventKind::Rejected { message } => BASE + message.len(),
+        EventKind::Rejected { message } | EventKind::Limit { message, .. } => BASE + message.len(),
         EventKind::State { reason, .. } => BASE + reason.as_ref().map_or(0, String::len),
         EventKind::Accepted { .. } | EventKind::Done { .. } => BASE,
     }

@@ -43,12 +43,35 @@ impl SessionManager {
     pub fn new(sandbox: Arc<dyn Sandbox>, options: SessionOptions) -> Arc<Self> {
         let pool = (options.pool_size > 0)
             .then(|| Pool::start(options.pool_size, sandbox.clone(), options.client.clone()));
-        Arc::new(Self {
+        let cull = options.cull_idle;
+        let manager = Arc::new(Self {
             sessions: DashMap::new(),
             sandbox,
             options,
             pool,
-        })
+        });
+        if let Some(idle) = cull {
+            tokio::spawn(cull_idle_sessions(Arc::downgrade(&manager), idle));
+        }
+        manager
+    }
+
+    /// The sessions the culling rules close now: idle (no cell running or queued, not starting
+    /// or restarting) for longer than `idle`, and without a connected client unless
+    /// `cull_connected`. Dead kernels count as idle.
+    fn cullable(&self, idle: std::time::Duration) -> Vec<Arc<str>> {
+        let now = Utc::now();
+        self.sessions
+            .iter()
+            .filter_map(|entry| {
+                let info = entry.value().info();
+                let quiet =
+                    matches!(info.state, KernelState::Idle | KernelState::Dead) && info.queued == 0;
+                let alone = self.options.cull_connected || info.connections == 0;
+                let since = (now - info.last_activity).to_std().unwrap_or_default();
+                (quiet && alone && since >= idle).then(|| info.id.clone())
+            })
+            .collect()
     }
 
     /// The sandbox backend's name.
@@ -171,6 +194,25 @@ impl SessionManager {
         }
         if let Err(e) = self.sandbox.cleanup().await {
             tracing::warn!(error = %e, "sandbox cleanup failed");
+        }
+    }
+}
+
+/// Closes sessions idle for longer than `idle`, checking a few times per period, until the
+/// manager is gone.
+async fn cull_idle_sessions(manager: std::sync::Weak<SessionManager>, idle: std::time::Duration) {
+    let every = (idle / 4).clamp(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(60),
+    );
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(manager) = manager.upgrade() else {
+            return;
+        };
+        for id in manager.cullable(idle) {
+            tracing::info!(session = %id, idle_s = idle.as_secs(), "culling an idle session");
+            let _ = manager.remove(&id).await;
         }
     }
 }

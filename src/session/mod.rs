@@ -37,6 +37,19 @@ pub struct SessionOptions {
     pub pool_size: usize,
     /// What each session keeps for clients that reconnect and resume.
     pub replay: ReplayLimits,
+    /// Time limit for cells that set none themselves (`None`: unlimited).
+    pub default_cell_timeout: Option<Duration>,
+    /// How long a timed-out cell may take to stop after its interrupt before the kernel is
+    /// restarted instead.
+    pub timeout_restart_grace: Duration,
+    /// Idle sessions are closed after this long without activity (`None`: never). Busy,
+    /// starting and restarting sessions are never culled.
+    pub cull_idle: Option<Duration>,
+    /// Whether sessions with a connected client may be culled too.
+    pub cull_connected: bool,
+    /// Output bytes a cell may produce (stream text, rich data, tracebacks); beyond it, output
+    /// is dropped and the client told how much.
+    pub max_cell_output_bytes: usize,
 }
 
 impl Default for SessionOptions {
@@ -52,6 +65,11 @@ impl Default for SessionOptions {
                 events: 10_000,
                 bytes: 8 << 20,
             },
+            default_cell_timeout: None,
+            timeout_restart_grace: Duration::from_secs(5),
+            cull_idle: None,
+            cull_connected: false,
+            max_cell_output_bytes: 64 << 20,
         }
     }
 }

@@ -13,7 +13,11 @@ import base64
 import itertools
 import os
 import re
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
@@ -27,12 +31,13 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 #: Kernel start and cells may be slow on a loaded machine or with the Docker backend.
 SLOW = 60_000
+expect.set_options(timeout=15_000)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Browser:
+def browser() -> Iterator[Browser]:
     if not URL or not TOKEN:
         pytest.fail("KERNELBOX_URL and KERNELBOX_TOKEN are not set: run tests/browser/run.sh")
     with sync_playwright() as p:
@@ -55,7 +60,7 @@ class PageProblems:
 
 
 @pytest.fixture(scope="module")
-def session(browser: Browser):
+def session(browser: Browser) -> Iterator[tuple[Page, PageProblems]]:
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     page = context.new_page()
     page.set_default_timeout(SLOW)
@@ -65,7 +70,7 @@ def session(browser: Browser):
 
 
 @pytest.fixture()
-def page(session) -> Page:
+def page(session: tuple[Page, PageProblems]) -> Iterator[Page]:
     """The shared page; fails the test when the page logged or threw an error during it."""
     page, problems = session
     yield page
@@ -139,6 +144,10 @@ def test_editor_indents(page: Page) -> None:
     expect(editor).to_have_value("for i in range(3):\n    print(i)")
     editor.press("Shift+Tab")
     expect(editor).to_have_value("for i in range(3):\nprint(i)")
+    # Tab after code completes (nothing to complete after a bracket); at a line's start it indents.
+    editor.press("Tab")
+    expect(editor).to_have_value("for i in range(3):\nprint(i)")
+    editor.press("Home")
     editor.press("Tab")
     expect(editor).to_have_value("for i in range(3):\n    print(i)")
     height = editor.evaluate("t => t.clientHeight")
@@ -169,12 +178,23 @@ def test_tab_completes(page: Page) -> None:
     expect(page.locator(".cell .completions:visible")).to_have_count(0)
     assert editor.input_value().endswith(selected.split(".")[-1])
     editor.fill("")
+    # Escape, then Tab leaves the editor (keyboard users are not trapped in it).
+    editor.evaluate("t => { t.dataset.probe = 'tabbing'; }")
+    tagged = page.locator("textarea[data-probe='tabbing']")
+    tagged.press("Escape")
+    tagged.press("Tab")
+    expect(tagged).not_to_be_focused()
+    expect(tagged).to_have_value("")
+    tagged.focus()
 
 
 def test_matplotlib_png(page: Page) -> None:
     cell = run_cell(
         page,
-        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()",
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3], [1, 4, 9])\n"
+        "plt.title('squares')\n"
+        "plt.show()",
     )
     wait_done(cell)
     img = cell.locator(".output img")
@@ -234,10 +254,21 @@ def test_html_only_in_a_sandboxed_frame(page: Page) -> None:
     expect(inside.locator("#hello")).to_have_text("html works")
     expect(inside.locator("tr")).to_have_count(8)
     # The frame reported its height and was fitted to the table.
-    page.wait_for_function("f => f.getBoundingClientRect().height > 120", arg=frame.element_handle())
+    page.wait_for_function(
+        "f => f.getBoundingClientRect().height > 120", arg=frame.element_handle()
+    )
 
 
 def test_display_updates_and_clear_output(page: Page) -> None:
+    shown = run_cell(page, "h = display('v1', display_id=True)\nh.update('v2')")
+    wait_done(shown)
+    expect(shown.locator(".output")).to_have_text("'v2'")
+    # A later cell updates the display where it is.
+    later = run_cell(page, "h.update('v3')")
+    wait_done(later)
+    expect(shown.locator(".output")).to_have_text("'v3'")
+    expect(later.locator(".output")).to_be_empty()
+
     cell = run_cell(
         page,
         "from IPython.display import display, clear_output\n"
@@ -297,6 +328,9 @@ def test_reload_reopens_the_session(page: Page) -> None:
     expect(cells(page).nth(1).locator(".output")).to_have_text("42")
     expect(cells(page).nth(1).locator(".exec-count")).to_have_text("[2]:")
     expect(page.locator(".output img")).to_have_count(1)
+    # The replayed input() prompt is shown as no longer waiting, followed by what came after.
+    expect(page.locator(".input-request.unanswered .input-prompt")).to_contain_text("Your name:")
+    expect(page.locator(".input-box")).to_have_count(0)
     # The kernel kept its variables.
     last = cells(page).last
     last.locator("textarea").click()
@@ -309,9 +343,107 @@ def test_reload_reopens_the_session(page: Page) -> None:
 
 def test_screenshot(page: Page) -> None:
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.evaluate("window.scrollTo(0, 0)")
+    # Chromium paints sandboxed (out-of-process) frames only inside the viewport: make the
+    # viewport as tall as the page so the HTML output is in the picture too.
+    viewport = page.viewport_size
+    height = page.evaluate("document.documentElement.scrollHeight")
+    page.set_viewport_size({"width": viewport["width"], "height": height})
+    page.wait_for_timeout(300)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+    page.set_viewport_size(viewport)
     assert SCREENSHOT.read_bytes().startswith(PNG_SIGNATURE)
+
+
+class CuttableProxy:
+    """A TCP proxy in front of the server whose connections the test can cut (a network drop)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.refusing = False
+        self.sockets: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, *, refuse: bool) -> None:
+        """Cuts every connection; while `refuse`, new ones are closed at once."""
+        self.refusing = refuse
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.sockets.clear()
+
+    def close(self) -> None:
+        self.cut(refuse=True)
+        self.listener.close()
+
+
+def test_reconnects_and_replays_after_a_network_drop(browser: Browser) -> None:
+    """A second tab through a proxy: the connection drops mid-cell, the page shows
+    "reconnecting", resumes with replay, and the cell's output is complete and not doubled."""
+    target = urlsplit(URL)
+    proxy = CuttableProxy((target.hostname, target.port))
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(SLOW)
+    problems = PageProblems(page)
+    try:
+        page.goto(proxy.url)
+        page.fill("#token", TOKEN)
+        page.click("#login-submit")
+        expect(page.locator("#kernel-status")).to_have_text("idle")
+        cell = run_cell(
+            page, "import time\nfor i in range(12):\n    print(i, flush=True)\n    time.sleep(0.2)"
+        )
+        expect(cell.locator(".output")).to_contain_text("2")
+        proxy.cut(refuse=True)
+        expect(page.locator("#kernel-status")).to_have_text("reconnecting")
+        expect(page.locator("#kernel-status")).to_have_attribute("data-state", "reconnecting")
+        page.wait_for_timeout(800)
+        proxy.refusing = False
+        wait_done(cell)
+        expect(page.locator("#kernel-status")).to_have_text("idle")
+        expected = "".join(f"{i}\n" for i in range(12))
+        assert cell.locator(".stream-output").evaluate("e => e.textContent") == expected
+    finally:
+        context.close()
+        proxy.close()
+    # The browser itself logs each refused reconnect attempt (the WebSocket, and the request
+    # that asks whether the session still exists); anything else is a problem.
+    network = re.compile(r"WebSocket connection to .* failed|Failed to load resource: net::ERR_")
+    unexpected = [p for p in problems.take() if not network.search(p)]
+    assert unexpected == [], f"the page reported errors: {unexpected}"
 
 
 def test_restart(page: Page) -> None:

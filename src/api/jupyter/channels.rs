@@ -15,7 +15,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+
+use crate::api::native::{CLOSE_TOO_SLOW, SLOW_CLIENT};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -119,7 +121,7 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
     let mut events = subscription.live;
     let (mut sink, mut stream) = socket.split();
     let (replies_tx, mut replies_rx) = mpsc::channel::<(Channel, Message)>(64);
-    let mut last_seq = resume_from.unwrap_or_else(|| session.last_seq());
+    let mut last_seq = subscription.last_seq;
 
     if subscription.dropped > 0 {
         let note = wire::synthetic(
@@ -174,14 +176,32 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
                         }
                     },
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "jupyter client fell behind; closing it so it resumes");
-                        break;
+                        // Cut off (it never slows the kernel or other clients); reconnecting
+                        // with the same session_id replays what it missed.
+                        tracing::info!(missed, "disconnecting a Jupyter client that fell behind");
+                        let _ = sink
+                            .send(WsMessage::Close(Some(CloseFrame {
+                                code: CLOSE_TOO_SLOW,
+                                reason: format!("too slow: {missed} messages behind; reconnect with the same session_id").into(),
+                            })))
+                            .await;
+                        return;
                     }
                     Err(RecvError::Closed) => break,
                 },
             };
-            if sink.send(frame).await.is_err() {
-                return;
+            match tokio::time::timeout(SLOW_CLIENT, sink.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::info!("disconnecting a Jupyter client that stopped reading");
+                    let close = WsMessage::Close(Some(CloseFrame {
+                        code: CLOSE_TOO_SLOW,
+                        reason: "too slow: not reading; reconnect with the same session_id".into(),
+                    }));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+                    return;
+                }
             }
             if let Some(seq) = seq {
                 writer_cursor.store(seq, std::sync::atomic::Ordering::Relaxed);
@@ -333,6 +353,14 @@ fn render<'a>(
             ))
         }
         EventKind::Rejected { message } if event.cell.as_ref() == Some(origin) => Some((
+            Channel::IoPub,
+            Cow::Owned(wire::synthetic(
+                "stream",
+                None,
+                json!({"name": "stderr", "text": format!("[kernelbox] {message}\n")}),
+            )),
+        )),
+        EventKind::Limit { message, .. } => Some((
             Channel::IoPub,
             Cow::Owned(wire::synthetic(
                 "stream",

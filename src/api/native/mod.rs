@@ -8,7 +8,7 @@ pub mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -20,6 +20,12 @@ use self::render::{EMPTY_LIST, render};
 use super::AppState;
 use super::error::AppError;
 use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError};
+
+/// Close code for a client cut off because it fell behind (an application code: 4000–4999).
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+
+/// How long one frame may wait for a client to read before the client is cut off.
+pub const SLOW_CLIENT: Duration = Duration::from_secs(10);
 
 /// Largest frame a client may send.
 const MAX_CLIENT_FRAME: usize = 16 << 20;
@@ -77,7 +83,9 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
     {
         return;
     }
+    let mut last_seq = subscription.last_seq;
     for event in &subscription.missed {
+        last_seq = event.seq;
         let Some(Ok(text)) = render(event).map(|m| serde_json::to_string(&m)) else {
             continue;
         };
@@ -88,30 +96,56 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
 
     let writer = async move {
         loop {
-            let text = tokio::select! {
+            let (text, seq) = tokio::select! {
                 reply = replies_rx.recv() => match reply {
-                    Some(text) => text,
+                    Some(text) => (text, None),
                     None => break,
                 },
                 event = events.recv() => match event {
                     Ok(event) => match render(&event).map(|m| serde_json::to_string(&m)) {
-                        Some(Ok(text)) => text,
+                        Some(Ok(text)) => (text, Some(event.seq)),
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "cannot encode event");
                             continue;
                         }
                         None => continue,
                     },
-                    Err(RecvError::Lagged(missed)) => local_error(
-                        None,
-                        "Lagged",
-                        &format!("this connection fell behind and missed {missed} events"),
-                    ),
+                    Err(RecvError::Lagged(missed)) => {
+                        // A client that cannot keep up is cut off (it never slows the kernel or
+                        // other clients) and told how to resume without losing anything.
+                        tracing::info!(missed, last_seq, "disconnecting a client that fell behind");
+                        let reason = format!(
+                            "too slow: {missed} events behind; reconnect with ?since={last_seq}"
+                        );
+                        let _ = sink
+                            .send(WsMessage::Close(Some(CloseFrame {
+                                code: CLOSE_TOO_SLOW,
+                                reason: reason.into(),
+                            })))
+                            .await;
+                        return;
+                    }
                     Err(RecvError::Closed) => break,
                 },
             };
-            if sink.send(WsMessage::Text(text.into())).await.is_err() {
-                break;
+            match tokio::time::timeout(SLOW_CLIENT, sink.send(WsMessage::Text(text.into()))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    // The client has not taken a frame for SLOW_CLIENT: cut it off (it can
+                    // resume with ?since=), trying briefly to tell it why.
+                    tracing::info!(last_seq, "disconnecting a client that stopped reading");
+                    let reason = format!("too slow: not reading; reconnect with ?since={last_seq}");
+                    let close = WsMessage::Close(Some(CloseFrame {
+                        code: CLOSE_TOO_SLOW,
+                        reason: reason.into(),
+                    }));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
+                    return;
+                }
+            }
+            if let Some(seq) = seq {
+                last_seq = seq;
             }
         }
         let _ = sink.close().await;

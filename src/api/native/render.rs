@@ -37,6 +37,11 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             state: *state,
             reason: reason.as_deref(),
         },
+        EventKind::Limit { limit, message } => ServerEvent::Error {
+            ename: limit,
+            evalue: message,
+            traceback: &EMPTY_LIST,
+        },
         EventKind::Rejected { message } => ServerEvent::Error {
             ename: "Rejected",
             evalue: message,
