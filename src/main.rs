@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kernelbox::api::{self, AppState, KernelSpecs, Token};
+use kernelbox::api::{self, ApiToken, AppState, KernelSpecs, Token, Tokens};
 use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
 use kernelbox::sandbox::{Sandbox, SandboxError};
@@ -77,6 +77,24 @@ struct ServeArgs {
     /// API token; generated and printed when not set.
     #[arg(long, env = "KERNELBOX_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// API tokens, each owning its own sessions: a JSON file
+    /// `[{"name": "alice", "token": "…", "max_sessions": 5}, …]` (used instead of --token).
+    #[arg(long, env = "KERNELBOX_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Most sessions the --token principal may hold (per-token limits come from --tokens-file).
+    #[arg(long, env = "KERNELBOX_MAX_SESSIONS_PER_TOKEN")]
+    max_sessions_per_token: Option<usize>,
+    /// HTTP requests (REST calls and WebSocket upgrades) per second each token may make.
+    #[arg(long, env = "KERNELBOX_RATE_LIMIT", default_value_t = 100)]
+    rate_limit: u32,
+    /// Browser origins allowed to call the API besides the server's own page (repeatable;
+    /// `*` allows any — not recommended).
+    #[arg(
+        long = "allowed-origin",
+        env = "KERNELBOX_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
     /// Where kernels run.
     #[arg(long, env = "KERNELBOX_BACKEND", value_enum, default_value = "auto")]
     backend: Backend,
@@ -290,15 +308,25 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ..SessionOptions::default()
     };
     let sessions = SessionManager::new(sandbox, options);
-    let token = match &args.token {
-        Some(t) if !t.is_empty() => Token::new(t),
-        _ => {
+    let tokens = match (&args.tokens_file, &args.token) {
+        (Some(path), _) => api::auth::read_tokens_file(path).map_err(|e| e.to_string())?,
+        (None, Some(t)) if !t.is_empty() => vec![ApiToken::new(
+            "default",
+            &Token::new(t),
+            args.max_sessions_per_token,
+        )],
+        (None, _) => {
             let token = Token::generate();
             eprintln!("kernelbox: no --token given; generated one for this run:");
             eprintln!("    {}", token.expose());
-            token
+            vec![ApiToken::new(
+                "default",
+                &token,
+                args.max_sessions_per_token,
+            )]
         }
     };
+    let tokens = Tokens::new(tokens, std::num::NonZeroU32::new(args.rate_limit));
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
@@ -308,7 +336,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         "kernelbox: serving on http://{addr}/ ({} backend)",
         sessions.backend()
     );
-    let state = AppState::new(sessions.clone(), token).with_kernelspecs(kernelspecs);
+    let state = AppState::new(sessions.clone(), Token::generate())
+        .with_tokens(tokens)
+        .with_allowed_origins(args.allowed_origins.clone())
+        .with_kernelspecs(kernelspecs);
     let result = api::serve(listener, state, shutdown_signal()).await;
     tracing::info!("shutting down: closing every session");
     sessions.shutdown().await;

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod jupyter;
 pub mod native;
+pub mod origin;
 pub mod sessions;
 pub mod web;
 
@@ -18,8 +19,8 @@ use tokio::net::TcpListener;
 
 use dashmap::DashMap;
 
-use crate::session::SessionManager;
-pub use auth::Token;
+use crate::session::{Session, SessionManager};
+pub use auth::{ApiToken, Principal, Token, Tokens};
 pub use jupyter::kernelspecs::KernelSpecs;
 
 /// Most Jupyter clients whose reconnect position is remembered (oldest forgotten first).
@@ -30,8 +31,10 @@ const MAX_JUPYTER_CURSORS: usize = 10_000;
 pub struct AppState {
     /// Every live session.
     pub sessions: Arc<SessionManager>,
-    /// The API token.
-    pub token: Token,
+    /// The API tokens (principals owning sessions).
+    pub tokens: Arc<Tokens>,
+    /// Browser origins allowed besides the server's own (`*`: any).
+    pub allowed_origins: Arc<Vec<String>>,
     /// The kernels Jupyter clients may start.
     pub kernelspecs: Arc<KernelSpecs>,
     /// The last event each Jupyter client (kernel id, client session id) received, so a
@@ -40,14 +43,36 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for a server with the default kernelspec table.
+    /// State for a server with one token (principal `default`) and the default kernelspecs.
     pub fn new(sessions: Arc<SessionManager>, token: Token) -> Self {
+        let tokens = Tokens::new(vec![ApiToken::new("default", &token, None)], None);
         Self {
             sessions,
-            token,
+            tokens: Arc::new(tokens),
+            allowed_origins: Arc::new(Vec::new()),
             kernelspecs: Arc::new(KernelSpecs::default()),
             jupyter_cursors: Arc::new(DashMap::new()),
         }
+    }
+
+    /// The same state allowing browser requests from `origins` too.
+    pub fn with_allowed_origins(mut self, origins: Vec<String>) -> Self {
+        self.allowed_origins = Arc::new(origins);
+        self
+    }
+
+    /// The same state with other API tokens.
+    pub fn with_tokens(mut self, tokens: Tokens) -> Self {
+        self.tokens = Arc::new(tokens);
+        self
+    }
+
+    /// Session `id` if `principal` owns it; other principals' sessions do not exist for it
+    /// (the same 404 as an unknown id).
+    pub fn owned_session(&self, principal: &Principal, id: &str) -> Option<Arc<Session>> {
+        self.sessions
+            .get(id)
+            .filter(|s| s.owner() == Some(&principal.name))
     }
 
     /// The same state with another kernelspec table.
@@ -94,12 +119,18 @@ pub fn router(state: AppState) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_token));
     let jupyter =
         jupyter::routes().route_layer(from_fn_with_state(state.clone(), auth::require_token));
-    Router::new()
+    let cors = origin::cors(&state.allowed_origins);
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .nest("/v1", v1)
         .merge(jupyter)
         .merge(web::routes())
-        .with_state(state)
+        .layer(from_fn_with_state(state.clone(), origin::check_origin))
+        .with_state(state);
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
 }
 
 async fn healthz(

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header::HOST};
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::error::AppError;
+use super::{AppState, Principal};
 use crate::session::{CreateSession, KernelState, SessionInfo};
 
 /// Body of `POST /v1/sessions` (all optional).
@@ -75,6 +75,7 @@ impl SessionView {
 /// `POST /v1/sessions`: starts a session; 201 with its view.
 pub async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<SessionView>), AppError> {
@@ -89,6 +90,8 @@ pub async fn create(
         .create(CreateSession {
             network: body.network,
             env: body.env,
+            owner: Some(principal.name.clone()),
+            owner_limit: principal.max_sessions,
             ..CreateSession::default()
         })
         .await?;
@@ -99,12 +102,17 @@ pub async fn create(
 }
 
 /// `GET /v1/sessions`: every live session.
-pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Json<Vec<SessionView>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+) -> Json<Vec<SessionView>> {
     Json(
         state
             .sessions
             .list()
             .into_iter()
+            .filter(|i| i.owner.as_ref() == Some(&principal.name))
             .map(|i| SessionView::new(i, &headers))
             .collect(),
     )
@@ -113,12 +121,12 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Json<Vec
 /// `GET /v1/sessions/{id}`.
 pub async fn get(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<SessionView>, AppError> {
     let session = state
-        .sessions
-        .get(&id)
+        .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_session(&id))?;
     Ok(Json(SessionView::new(session.info(), &headers)))
 }
@@ -126,8 +134,12 @@ pub async fn get(
 /// `DELETE /v1/sessions/{id}`: stops the kernel and removes its sandbox; 204.
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
+    state
+        .owned_session(&principal, &id)
+        .ok_or_else(|| AppError::no_session(&id))?;
     state.sessions.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -64,6 +64,8 @@ pub(crate) struct Actor {
     interrupt_deadline: Option<Instant>,
     /// Client-built messages waiting for the kernel to be ready.
     forwards: VecDeque<(Channel, Message, Arc<str>)>,
+    /// Completion/inspection queries waiting for the kernel to be ready.
+    pending_queries: VecDeque<(&'static str, Value, CodeQuery)>,
 }
 
 impl Actor {
@@ -96,6 +98,7 @@ impl Actor {
             input_parent: None,
             interrupt_deadline: None,
             forwards: VecDeque::new(),
+            pending_queries: VecDeque::new(),
         };
         match kernel.client {
             Some((client, incoming)) => {
@@ -274,6 +277,9 @@ impl Actor {
         for (channel, msg, origin) in std::mem::take(&mut self.forwards) {
             self.forward(channel, msg, origin).await;
         }
+        for (msg_type, content, query) in std::mem::take(&mut self.pending_queries) {
+            self.query(msg_type, content, query).await;
+        }
     }
 
     /// Sends a client-built message as it is (only signed); answers are tagged with `origin`.
@@ -379,9 +385,18 @@ impl Actor {
         }
     }
 
-    async fn query(&mut self, msg_type: &str, content: Value, query: CodeQuery) {
+    async fn query(&mut self, msg_type: &'static str, content: Value, query: CodeQuery) {
         let Some(client) = &self.client else {
-            self.reject(Some(query.id), "the kernel is not running".into());
+            let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
+            if waiting && self.pending_queries.len() < self.opts.max_queue {
+                // Like cells, queries wait for a starting kernel.
+                self.pending_queries.push_back((msg_type, content, query));
+                return;
+            }
+            self.reject(
+                Some(query.id),
+                format!("the kernel is {}", self.state.as_str()),
+            );
             return;
         };
         match client
@@ -560,6 +575,12 @@ impl Actor {
         for (_, msg, origin) in std::mem::take(&mut self.forwards) {
             let what = format!("the kernel died: {} was not sent", msg.msg_type());
             self.reject(Some(origin), what);
+        }
+        for (msg_type, _, query) in std::mem::take(&mut self.pending_queries) {
+            self.reject(
+                Some(query.id),
+                format!("the kernel died: {msg_type} was not sent"),
+            );
         }
     }
 

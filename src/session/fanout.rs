@@ -73,7 +73,12 @@ impl Fanout {
             return;
         };
         buffer.last_seq = event.seq;
-        if self.limits.events > 0 && size <= self.limits.bytes {
+        if self.limits.events == 0 || size > self.limits.bytes {
+            // Not replayable: nothing before it may be replayed either (a resume would skip it
+            // silently), so the buffer restarts after it and resumes count it as dropped.
+            buffer.events.clear();
+            buffer.bytes = 0;
+        } else {
             buffer.bytes += size;
             buffer.events.push_back((event.clone(), size));
             while buffer.events.len() > self.limits.events || buffer.bytes > self.limits.bytes {
@@ -224,6 +229,31 @@ mod tests {
             f.publish(event(seq));
         }
         assert_eq!(f.subscribe(Some(0)).missed.len(), 3);
+    }
+
+    #[test]
+    fn an_event_too_big_to_buffer_counts_as_dropped() {
+        let f = Fanout::new(
+            16,
+            ReplayLimits {
+                events: 1000,
+                bytes: 1000,
+            },
+        );
+        f.publish(event(1));
+        let big = Arc::new(SessionEvent {
+            seq: 2,
+            cell: None,
+            kind: EventKind::Rejected {
+                message: "x".repeat(5000),
+            },
+        });
+        f.publish(big);
+        f.publish(event(3));
+        let sub = f.subscribe(Some(0));
+        let seqs: Vec<u64> = sub.missed.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3]);
+        assert_eq!(sub.dropped, 2, "events 1 and 2 cannot be replayed");
     }
 
     #[test]

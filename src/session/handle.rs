@@ -100,6 +100,8 @@ pub struct SessionInfo {
     pub backend: &'static str,
     /// The kernelspec the session was started with.
     pub kernel_name: Arc<str>,
+    /// The principal the session belongs to.
+    pub owner: Option<Arc<str>>,
 }
 
 /// Mutable facts the actor updates and handles read.
@@ -116,6 +118,7 @@ pub struct Session {
     pub(crate) id: Arc<str>,
     pub(crate) created: DateTime<Utc>,
     pub(crate) kernel_name: Arc<str>,
+    pub(crate) owner: Option<Arc<str>>,
     pub(crate) backend: &'static str,
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) fanout: Arc<Fanout>,
@@ -126,6 +129,11 @@ impl Session {
     /// The session id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The principal the session belongs to, if any.
+    pub fn owner(&self) -> Option<&Arc<str>> {
+        self.owner.as_ref()
     }
 
     /// Receives every event from now on. A subscriber that falls behind by more than the
@@ -222,6 +230,7 @@ impl Session {
             connections: self.fanout.subscribers(),
             backend: self.backend,
             kernel_name: self.kernel_name.clone(),
+            owner: self.owner.clone(),
         }
     }
 

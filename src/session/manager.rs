@@ -25,6 +25,10 @@ pub struct CreateSession {
     pub kernel: KernelCommand,
     /// The kernelspec name clients see (`python3` when empty).
     pub kernel_name: String,
+    /// The principal the session belongs to (only it can see and use the session).
+    pub owner: Option<Arc<str>>,
+    /// Most sessions `owner` may hold at once.
+    pub owner_limit: Option<usize>,
 }
 
 /// The kernelspec name of sessions that ask for no other.
@@ -90,6 +94,18 @@ impl SessionManager {
         }
         // Only plain sessions can take a pooled kernel: the pool's kernels have no network and
         // no extra environment.
+        if let (Some(owner), Some(limit)) = (&request.owner, request.owner_limit) {
+            let held = self
+                .sessions
+                .iter()
+                .filter(|s| s.value().owner() == Some(owner))
+                .count();
+            if held >= limit {
+                return Err(SessionError::Limit(format!(
+                    "this token holds its maximum of {limit} sessions; close one first"
+                )));
+            }
+        }
         let kernel_name: Arc<str> = if request.kernel_name.is_empty() {
             DEFAULT_KERNEL_NAME.into()
         } else {
@@ -117,10 +133,15 @@ impl SessionManager {
                 }
             }
         };
-        Ok(self.spawn(kernel, kernel_name))
+        Ok(self.spawn(kernel, kernel_name, request.owner))
     }
 
-    fn spawn(&self, kernel: Kernel, kernel_name: Arc<str>) -> Arc<Session> {
+    fn spawn(
+        &self,
+        kernel: Kernel,
+        kernel_name: Arc<str>,
+        owner: Option<Arc<str>>,
+    ) -> Arc<Session> {
         let id = kernel.id.clone();
         let now = Utc::now();
         let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
@@ -138,6 +159,7 @@ impl SessionManager {
             id: id.clone(),
             created: now,
             kernel_name,
+            owner,
             backend: self.sandbox.name(),
             commands: commands_tx,
             fanout: fanout.clone(),

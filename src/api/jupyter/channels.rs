@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 
 use crate::api::native::{CLOSE_TOO_SLOW, SLOW_CLIENT};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -27,8 +27,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::wire::{self, ClientFrame, FrameError, V1_PROTOCOL};
-use crate::api::AppState;
 use crate::api::error::AppError;
+use crate::api::{AppState, Principal};
 use crate::kernel::{Channel, Message};
 use crate::session::{EventKind, KernelState, Session, SessionEvent};
 
@@ -69,12 +69,12 @@ pub struct ChannelsParams {
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<ChannelsParams>,
 ) -> Result<Response, AppError> {
     let session = state
-        .sessions
-        .get(&id)
+        .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_kernel(&id))?;
     let client = params
         .session_id

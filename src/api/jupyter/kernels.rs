@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::super::AppState;
 use super::super::error::AppError;
+use super::super::{AppState, Principal};
 use crate::session::{CreateSession, EventKind, KernelState, SessionInfo};
 
 /// How long `POST /api/kernels/{id}/restart` waits for the new kernel to be ready.
@@ -102,6 +102,7 @@ pub struct StartBody {
 /// `POST /api/kernels`: starts a kernel → 201 + model.
 pub async fn start(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), AppError> {
     let body: StartBody = if body.iter().all(u8::is_ascii_whitespace) {
@@ -137,6 +138,8 @@ pub async fn start(
             env,
             kernel,
             kernel_name: name,
+            owner: Some(principal.name.clone()),
+            owner_limit: principal.max_sessions,
             ..CreateSession::default()
         })
         .await?;
@@ -144,20 +147,29 @@ pub async fn start(
 }
 
 /// `GET /api/kernels`: every kernel.
-pub async fn list(State(state): State<AppState>) -> Json<Value> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<Value> {
     Json(Value::Array(
-        state.sessions.list().iter().map(model).collect(),
+        state
+            .sessions
+            .list()
+            .iter()
+            .filter(|i| i.owner.as_ref() == Some(&principal.name))
+            .map(model)
+            .collect(),
     ))
 }
 
 /// `GET /api/kernels/{id}`.
 pub async fn get(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
     let session = state
-        .sessions
-        .get(&id)
+        .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_kernel(&id))?;
     Ok(Json(model(&session.info())))
 }
@@ -165,9 +177,10 @@ pub async fn get(
 /// `DELETE /api/kernels/{id}` → 204.
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    if state.sessions.get(&id).is_none() {
+    if state.owned_session(&principal, &id).is_none() {
         return Err(AppError::no_kernel(&id));
     }
     state.sessions.remove(&id).await?;
@@ -178,11 +191,11 @@ pub async fn delete(
 /// `POST /api/kernels/{id}/interrupt` → 204.
 pub async fn interrupt(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
     let session = state
-        .sessions
-        .get(&id)
+        .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_kernel(&id))?;
     session.interrupt()?;
     Ok(StatusCode::NO_CONTENT)
@@ -191,11 +204,11 @@ pub async fn interrupt(
 /// `POST /api/kernels/{id}/restart` → 200 + model, once the new kernel is ready (or dead).
 pub async fn restart(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
     let session = state
-        .sessions
-        .get(&id)
+        .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_kernel(&id))?;
     let mut events = session.subscribe();
     session.restart()?;

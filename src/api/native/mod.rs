@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render};
-use super::AppState;
 use super::error::AppError;
+use super::{AppState, Principal};
 use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError};
 
 /// Close code for a client cut off because it fell behind (an application code: 4000–4999).
@@ -43,12 +43,12 @@ pub struct ConnectParams {
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<ConnectParams>,
 ) -> Result<Response, AppError> {
     let session = state
-        .sessions
-        .get(&id)
+        .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_session(&id))?;
     Ok(ws
         .max_message_size(MAX_CLIENT_FRAME)
@@ -62,10 +62,16 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
     let (mut sink, mut stream) = socket.split();
     let (replies_tx, mut replies_rx) = mpsc::channel::<String>(64);
 
+    // Only the events this protocol renders are replayed (and counted).
+    let replay: Vec<String> = subscription
+        .missed
+        .iter()
+        .filter_map(|event| render(event).and_then(|m| serde_json::to_string(&m).ok()))
+        .collect();
     let greeting = match since {
         Some(since) => ServerEvent::Resumed {
             since,
-            replayed: subscription.missed.len(),
+            replayed: replay.len(),
             dropped: subscription.dropped,
         },
         None => ServerEvent::Kernel {
@@ -84,11 +90,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
         return;
     }
     let mut last_seq = subscription.last_seq;
-    for event in &subscription.missed {
-        last_seq = event.seq;
-        let Some(Ok(text)) = render(event).map(|m| serde_json::to_string(&m)) else {
-            continue;
-        };
+    for text in replay {
         if sink.send(WsMessage::Text(text.into())).await.is_err() {
             return;
         }
