@@ -1,0 +1,26 @@
+//! The Jupyter wire codec on arbitrary ZeroMQ frames: every input is a message or a typed
+//! error, never a panic. Frames are split at 0xFF bytes; half the runs sign with a key.
+#![no_main]
+
+use bytes::Bytes;
+use kernelbox::kernel::Signer;
+use kernelbox::kernel::codec::{decode, encode};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let (keyed, rest) = match data.split_first() {
+        Some((first, rest)) => (first & 1 == 1, rest),
+        None => (false, data),
+    };
+    let Ok(signer) = Signer::new(if keyed { b"fuzz-key" } else { b"" }) else {
+        return;
+    };
+    let frames: Vec<Bytes> = rest
+        .split(|b| *b == 0xff)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    if let Ok(msg) = decode(frames, &signer) {
+        // Whatever decodes re-encodes.
+        let _ = encode(&msg, &signer);
+    }
+});
