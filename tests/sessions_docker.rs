@@ -124,3 +124,23 @@ async fn a_container_killed_from_outside_is_reported_and_restartable() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_killed_with_sigkill_or_exiting_is_reported_and_restartable() {
+    run_against(docker_server().await, async |server| {
+        let (_, mut ws) = server.session().await;
+        ws.submit("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+            .await;
+        let dead = ws.wait_kernel("dead").await;
+        assert_eq!(dead["reason"], "exited with code 137", "{dead}");
+        ws.send(serde_json::json!({"type": "restart"})).await;
+        ws.wait_kernel("idle").await;
+        ws.submit("import os; os._exit(3)").await;
+        let dead = ws.wait_kernel("dead").await;
+        assert_eq!(dead["reason"], "exited with code 3", "{dead}");
+        ws.send(serde_json::json!({"type": "restart"})).await;
+        ws.wait_kernel("idle").await;
+        assert_eq!(ws.run("1 + 1").await.result_text().as_deref(), Some("2"));
+    })
+    .await;
+}
