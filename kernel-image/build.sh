@@ -14,7 +14,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # The inputs, in hashing order (keep in sync with INPUTS in src/sandbox/docker/image.rs).
 inputs=(build.sh setup-rootfs.sh Dockerfile packages.txt requirements.txt kernel-entrypoint.sh
-        matplotlibrc ipython_kernel_config.py)
+        matplotlibrc ipython_kernel_config.py sitecustomize.py)
 suite=bookworm
 
 log() { printf '[kernel-image] %s\n' "$*" >&2; }

@@ -20,6 +20,10 @@ python3 -m venv /opt/venv
 /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-input \
     --only-binary :all: -r "$src/requirements.txt"
 
+# SIGINT to the thread running user code (see sitecustomize.py).
+install -m 0644 "$src/sitecustomize.py" \
+    "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sitecustomize.py"
+
 install -m 0755 "$src/kernel-entrypoint.sh" /usr/local/bin/kernelbox-kernel
 install -D -m 0644 "$src/matplotlibrc" /etc/kernelbox/matplotlibrc
 install -D -m 0644 "$src/ipython_kernel_config.py" /etc/ipython/ipython_kernel_config.py

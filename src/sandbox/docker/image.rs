@@ -14,7 +14,7 @@ pub const IMAGE_REPOSITORY: &str = "kernelbox-kernel";
 
 /// The files the image is built from, in hashing order: the same list, order and hashing rule
 /// as `inputs` in `kernel-image/build.sh` (name, newline, contents; first 12 hex of sha256).
-const INPUTS: [(&str, &[u8]); 8] = [
+const INPUTS: [(&str, &[u8]); 9] = [
     ("build.sh", include_bytes!("../../../kernel-image/build.sh")),
     (
         "setup-rootfs.sh",
@@ -43,6 +43,10 @@ const INPUTS: [(&str, &[u8]); 8] = [
     (
         "ipython_kernel_config.py",
         include_bytes!("../../../kernel-image/ipython_kernel_config.py"),
+    ),
+    (
+        "sitecustomize.py",
+        include_bytes!("../../../kernel-image/sitecustomize.py"),
     ),
 ];
 

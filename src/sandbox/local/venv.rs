@@ -13,6 +13,9 @@ use crate::sandbox::SandboxError;
 /// The pinned packages every kernel has (shared with the kernel image).
 pub const REQUIREMENTS: &str = include_str!("../../../kernel-image/requirements.txt");
 
+/// Makes SIGINT reach the thread running user code (shared with the kernel image).
+pub const SITECUSTOMIZE: &str = include_str!("../../../kernel-image/sitecustomize.py");
+
 /// The venv's directory inside the cache.
 pub fn venv_dir() -> PathBuf {
     cache_dir().join("venv")
@@ -24,7 +27,10 @@ pub fn venv_python() -> PathBuf {
 }
 
 fn stamp(requirements: &str) -> String {
-    hex::encode(Sha256::digest(requirements.as_bytes()))
+    let mut hash = Sha256::new();
+    hash.update(requirements.as_bytes());
+    hash.update(SITECUSTOMIZE.as_bytes());
+    hex::encode(hash.finalize())
 }
 
 /// Whether the venv exists and was made from the current requirements.
@@ -70,6 +76,7 @@ pub async fn ensure(base_python: &Path) -> Result<PathBuf, SandboxError> {
         .args(["-m", "pip", "install", "--progress-bar", "on", "-r"])
         .arg(&req_file))
     .await?;
+    install_sitecustomize().await?;
     let stamp_file = dir.join(".kernelbox-stamp");
     tokio::fs::write(&stamp_file, stamp(REQUIREMENTS))
         .await
@@ -79,6 +86,26 @@ pub async fn ensure(base_python: &Path) -> Result<PathBuf, SandboxError> {
         })?;
     eprintln!("kernelbox: kernel venv ready.");
     Ok(venv_python())
+}
+
+/// Writes [`SITECUSTOMIZE`] into the venv's site-packages.
+async fn install_sitecustomize() -> Result<(), SandboxError> {
+    let out = Command::new(venv_python())
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ])
+        .output()
+        .await
+        .map_err(|e| SandboxError::Launch(format!("asking the venv for its site-packages: {e}")))?;
+    let site = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let file = site.join("sitecustomize.py");
+    tokio::fs::write(&file, SITECUSTOMIZE)
+        .await
+        .map_err(|source| SandboxError::Io {
+            context: format!("writing {}", file.display()),
+            source,
+        })
 }
 
 async fn run(cmd: &mut Command) -> Result<(), SandboxError> {
