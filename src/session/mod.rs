@@ -7,6 +7,7 @@ mod fanout;
 mod handle;
 pub mod manager;
 mod pool;
+pub mod store;
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub use events::{EventKind, KernelState, SessionEvent};
 pub use fanout::{ReplayLimits, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
 pub use manager::{CreateSession, SessionManager};
+pub use store::{SessionStore, StoreError, StoredSession};
 
 use crate::kernel::{ClientOptions, Incoming, KernelClient};
 use crate::sandbox::KernelProcess;
