@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 pub use events::{EventKind, KernelState, SessionEvent};
 pub use fanout::{ReplayLimits, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
-pub use manager::{CreateSession, SessionManager};
+pub use manager::{CreateSession, SessionManager, Startup};
 pub use store::{SessionStore, StoreError, StoredSession};
 
 use crate::kernel::{ClientOptions, Incoming, KernelClient};
