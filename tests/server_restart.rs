@@ -89,6 +89,10 @@ impl Drop for Workspace {
                 docker(&["volume", "rm", "-f", volume]);
             }
         }
+        // Local kernels a failed test may have left.
+        for pid in pids_under(&self.dir) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -105,13 +109,30 @@ impl Server {
     /// Starts `kernelbox serve --backend docker` with `workspace`'s state dir and store and
     /// waits until it listens.
     async fn start(workspace: &Workspace, pool_size: usize) -> Self {
-        let token = "restart-test-token".to_owned();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kernelbox"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kernelbox"));
+        command
             .args(["serve", "--backend", "docker", "--bind", "127.0.0.1:0"])
             .arg("--pool-size")
             .arg(pool_size.to_string())
             .arg("--state-db")
-            .arg(workspace.store())
+            .arg(workspace.store());
+        Self::spawn(command, workspace).await
+    }
+
+    /// Starts `kernelbox serve --backend local` with `workspace` as its state dir.
+    async fn start_local(workspace: &Workspace) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kernelbox"));
+        command
+            .args(["serve", "--backend", "local", "--bind", "127.0.0.1:0"])
+            .args(["--pool-size", "0", "--python"])
+            .arg(common::python())
+            .env("KERNELBOX_STATE_DIR", &workspace.dir);
+        Self::spawn(command, workspace).await
+    }
+
+    async fn spawn(mut command: Command, workspace: &Workspace) -> Self {
+        let token = "restart-test-token".to_owned();
+        let mut child = command
             .env("XDG_STATE_HOME", &workspace.dir)
             .env("KERNELBOX_TOKEN", &token)
             .env("KERNELBOX_LOG", "info")
@@ -210,14 +231,27 @@ impl Server {
         common::Ws { stream }
     }
 
-    /// Sends SIGTERM and waits for a clean exit.
-    async fn terminate(mut self) {
+    /// Sends `signal` to the server.
+    fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = self.child.id().expect("the server runs");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
-            nix::sys::signal::Signal::SIGTERM,
+            signal,
         )
-        .expect("send SIGTERM");
+        .expect("send a signal");
+    }
+
+    /// Kills the server outright (SIGKILL, as a crash would end it) and waits until it is gone.
+    async fn crash(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = tokio::time::timeout(SERVER_TIMEOUT, self.child.wait())
+            .await
+            .expect("the server ends at SIGKILL");
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    async fn terminate(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = tokio::time::timeout(SERVER_TIMEOUT, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("the server did not exit after SIGTERM:\n{}", self.log()))
@@ -436,4 +470,82 @@ async fn at_start_sessions_whose_containers_are_gone_are_forgotten_and_unclaimed
         "shutdown forgets every session"
     );
     assert!(Path::new(&workspace.store()).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_server_s_sessions_are_taken_back_too() {
+    let workspace = Workspace::new();
+    let first = Server::start(&workspace, 0).await;
+    let id = first.create_session().await;
+    let mut ws = first.ws(&id, None).await;
+    ws.wait_kernel("idle").await;
+    ws.run("y = 'before the crash'").await;
+    drop(ws);
+    // No graceful shutdown: the store has had the session since its creation.
+    first.crash().await;
+
+    let second = Server::start(&workspace, 0).await;
+    let mut ws = second.ws(&id, None).await;
+    ws.wait_kernel("idle").await;
+    let cell = ws.run("y").await;
+    assert_eq!(cell.result_text().as_deref(), Some("'before the crash'"));
+    drop(ws);
+    assert_eq!(second.delete(&format!("/v1/sessions/{id}")).await, 204);
+    second.terminate().await;
+    assert!(containers(&workspace.instance_label(), true).is_empty());
+}
+
+/// Processes whose command line mentions `path`, with their command lines.
+fn processes(path: &Path) -> Vec<(nix::unistd::Pid, String)> {
+    let needle = path.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(&needle)
+                .then_some((nix::unistd::Pid::from_raw(pid), cmdline))
+        })
+        .collect()
+}
+
+/// Command lines of the processes that mention `path`.
+fn processes_under(path: &Path) -> Vec<String> {
+    processes(path)
+        .into_iter()
+        .map(|(_, cmdline)| cmdline)
+        .collect()
+}
+
+/// Pids of the processes that mention `path`.
+fn pids_under(path: &Path) -> Vec<nix::unistd::Pid> {
+    processes(path).into_iter().map(|(pid, _)| pid).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_kernels_end_with_a_crashed_server_instead_of_living_on_as_orphans() {
+    let workspace = Workspace::new();
+    let server = Server::start_local(&workspace).await;
+    let id = server.create_session().await;
+    let mut ws = server.ws(&id, None).await;
+    ws.wait_kernel("idle").await;
+    drop(ws);
+    let sessions = workspace.dir.join("sessions");
+    assert_eq!(processes_under(&sessions).len(), 1, "the kernel runs");
+
+    server.crash().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !processes_under(&sessions).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the kernel outlived the server: {:?}",
+            processes_under(&sessions)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
