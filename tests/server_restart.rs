@@ -549,3 +549,38 @@ async fn local_kernels_end_with_a_crashed_server_instead_of_living_on_as_orphans
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_running_across_a_restart_does_not_hold_up_the_takeover() {
+    const CELL_SECONDS: u64 = 20;
+    let workspace = Workspace::new();
+    let first = Server::start(&workspace, 0).await;
+    let id = first.create_session().await;
+    let mut ws = first.ws(&id, None).await;
+    ws.wait_kernel("idle").await;
+    let cell = ws
+        .submit(&format!(
+            "import time; time.sleep({CELL_SECONDS}); z = 'finished'"
+        ))
+        .await;
+    ws.until(|e| e["id"] == cell.as_str() && e["type"] == "status" && e["state"] == "busy")
+        .await;
+    drop(ws);
+    first.terminate().await;
+
+    // The kernel is busy with the cell, but the new server takes it over at once.
+    let started = tokio::time::Instant::now();
+    let second = Server::start(&workspace, 0).await;
+    let mut ws = second.ws(&id, None).await;
+    ws.wait_kernel("idle").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(CELL_SECONDS / 2),
+        "the takeover waited for the running cell: {:?}",
+        started.elapsed()
+    );
+    // The cell went on in the kernel; the next one runs after it.
+    let cell = ws.run("z").await;
+    assert_eq!(cell.result_text().as_deref(), Some("'finished'"));
+    assert_eq!(second.delete(&format!("/v1/sessions/{id}")).await, 204);
+    second.terminate().await;
+}

@@ -103,7 +103,13 @@ impl Actor {
                 actor.incoming = Some(incoming);
                 actor.state = KernelState::Idle;
             }
-            None => actor.start_connecting(),
+            None => {
+                // A kernel taken over from a previous server process may be running a cell: it
+                // answers on control meanwhile, not on shell.
+                let mut client = actor.opts.client.clone();
+                client.ready_via_control = kernel.adopted;
+                actor.connect_with(client);
+            }
         }
         actor
     }
@@ -162,8 +168,11 @@ impl Actor {
     }
 
     fn start_connecting(&mut self) {
+        self.connect_with(self.opts.client.clone());
+    }
+
+    fn connect_with(&mut self, opts: crate::kernel::ClientOptions) {
         let info = self.process.connection().clone();
-        let opts = self.opts.client.clone();
         self.connecting = Some(Box::pin(
             async move { KernelClient::connect(&info, opts).await },
         ));

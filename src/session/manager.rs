@@ -157,6 +157,7 @@ impl SessionManager {
             id: record.id.as_str().into(),
             process,
             client: None,
+            adopted: true,
         };
         self.spawn(
             kernel,
@@ -212,6 +213,7 @@ impl SessionManager {
                     id,
                     process,
                     client: None,
+                    adopted: false,
                 }
             }
         };

@@ -64,4 +64,7 @@ pub(crate) struct Kernel {
     pub id: std::sync::Arc<str>,
     pub process: Box<dyn KernelProcess>,
     pub client: Option<(KernelClient, mpsc::Receiver<Incoming>)>,
+    /// Whether the kernel was taken over from a previous server process (it may be busy with a
+    /// cell that ran across the restart).
+    pub adopted: bool,
 }
