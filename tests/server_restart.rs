@@ -280,12 +280,22 @@ async fn a_restarted_server_takes_its_sessions_back_with_their_variables_and_fil
         .last()
         .and_then(|e| e["seq"].as_u64())
         .expect("seq");
-    drop(ws);
     let instance = workspace.instance_label();
     let session = format!("kernelbox.session={id}");
 
-    // SIGTERM: the session's kernel and working-dir keeper stay; the warm pool's kernel goes.
+    // SIGTERM with a client connected: the server exits and the client is disconnected; the
+    // session's kernel and working-dir keeper stay; the warm pool's kernel goes.
     first.terminate().await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        // Events sent before the stop may still be buffered; then the connection ends.
+        while let Some(Ok(frame)) = futures::StreamExt::next(&mut ws.stream).await {
+            if frame.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the client learns that the server is gone");
     assert_eq!(
         containers(&session, false).len(),
         2,
