@@ -128,6 +128,7 @@ async fn while_the_engine_is_unreachable_creation_is_a_503_and_all_recovers_when
     let outcome = std::panic::AssertUnwindSafe(async {
         let (session, mut ws) = server.session().await;
         ws.run("x = 1").await;
+        let doomed = server.create_session().await;
 
         // The engine goes away.
         proxy.stop();
@@ -138,6 +139,17 @@ async fn while_the_engine_is_unreachable_creation_is_a_503_and_all_recovers_when
             message.starts_with("the Docker engine is unreachable: "),
             "the message says what is wrong: {message}"
         );
+
+        // A session deleted meanwhile is gone for clients at once; its containers go once the
+        // engine is back (below).
+        let deleted = server
+            .http()
+            .delete(server.url(&format!("/v1/sessions/{doomed}")))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .expect("DELETE");
+        assert_eq!(deleted.status(), 204);
 
         // A running kernel does not need the engine.
         let cell = ws.run("x + 1").await;
@@ -176,6 +188,15 @@ async fn while_the_engine_is_unreachable_creation_is_a_503_and_all_recovers_when
         let _back = EngineProxy::start(&socket);
         let (status, body) = post_session(&server).await;
         assert_eq!(status, 201, "{body}");
+        let doomed = format!("label=kernelbox.session={doomed}");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !docker(&["ps", "-aq", "--filter", &doomed]).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the deleted session's containers were not removed once the engine was back"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
         ws.send(json!({"type": "restart"})).await;
         ws.wait_kernel("idle").await;
         let cell = ws.run("1 + 1").await;

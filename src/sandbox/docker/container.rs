@@ -1045,7 +1045,7 @@ impl Drop for DockerKernel {
         if run.shut_down {
             return;
         }
-        // Dropped without shutdown: remove what we can in the background.
+        // Dropped without (a successful) shutdown: remove it in the background.
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -1054,14 +1054,45 @@ impl Drop for DockerKernel {
         containers.extend(self.keeper_id.clone());
         let volume = self.volume.clone();
         let dirs = self.dirs.clone();
-        handle.spawn(async move {
-            for id in containers {
-                let _ = remove_container(&docker, &id).await;
+        handle.spawn(remove_when_possible(docker, containers, volume, dirs));
+    }
+}
+
+/// How long a dropped kernel's removal is retried while the engine is unreachable.
+const REMOVAL_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Removes a kernel's containers, volume and directories, retrying while the engine is
+/// unreachable: a session closed meanwhile has its containers removed once the engine is back.
+/// Whatever is still there when the server stops, the next start's housekeeping removes.
+async fn remove_when_possible(
+    docker: Docker,
+    containers: Vec<String>,
+    volume: Option<String>,
+    dirs: SessionDirs,
+) {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut result = Ok(());
+        for id in &containers {
+            result = result.and(remove_container(&docker, id).await);
+        }
+        if let Some(volume) = &volume {
+            result = result.and(remove_volume(&docker, volume).await);
+        }
+        match result {
+            Ok(()) => break,
+            Err(SandboxError::Unreachable { .. }) if started.elapsed() < REMOVAL_RETRY_FOR => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-            if let Some(volume) = volume {
-                let _ = remove_volume(&docker, &volume).await;
+            Err(err) => {
+                tracing::warn!(%err, ?containers, "cannot remove a closed kernel's containers; the next start's housekeeping will");
+                break;
             }
-            let _ = dirs.remove();
-        });
+        }
+    }
+    if let Err(err) = dirs.remove() {
+        tracing::debug!(%err, "cannot remove a closed kernel's directories");
     }
 }
