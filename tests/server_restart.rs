@@ -352,7 +352,7 @@ async fn a_restarted_server_takes_its_sessions_back_with_their_variables_and_fil
     );
 }
 
-/// A Docker sandbox on `workspace`'s state dir.
+/// A Docker sandbox on `workspace`'s state dir (so with that state dir's instance id).
 async fn sandbox(workspace: &Workspace) -> DockerSandbox {
     DockerSandbox::new(DockerConfig {
         state_dir: workspace.state_dir(),
@@ -593,4 +593,72 @@ async fn a_cell_running_across_a_restart_does_not_hold_up_the_takeover() {
     assert_eq!(cell.result_text().as_deref(), Some("'finished'"));
     assert_eq!(second.delete(&format!("/v1/sessions/{id}")).await, 204);
     second.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_container_recreated_since_it_was_recorded_is_found_by_its_labels() {
+    let workspace = Workspace::new();
+    let sandbox = sandbox(&workspace).await;
+    let kernel = sandbox
+        .launch_kernel(&LaunchSpec {
+            session_id: "recreated".to_owned(),
+            ..LaunchSpec::default()
+        })
+        .await
+        .expect("launch");
+    let recorded = kernel
+        .persisted()
+        .await
+        .expect("a Docker kernel can be persisted");
+    // Removed from outside, then recreated by a restart: the record's container id is stale.
+    let old = kernel.container_id().await;
+    docker(&["rm", "-f", &old]);
+    kernel
+        .restart()
+        .await
+        .expect("restart recreates the container");
+    let new = kernel.container_id().await;
+    assert_ne!(old, new);
+    kernel.detach().await.expect("detach");
+
+    let adopted = sandbox.adopt_kernel(&recorded).await.expect("adopt");
+    assert_eq!(adopted.container_id().await, new);
+    adopted.shutdown().await.expect("shutdown");
+    assert!(containers("kernelbox.session=recreated", true).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_is_not_adopted_by_another_instance_nor_without_its_socket_directory() {
+    let workspace = Workspace::new();
+    let ours = sandbox(&workspace).await;
+    let kernel = ours
+        .launch_kernel(&LaunchSpec {
+            session_id: "refused".to_owned(),
+            ..LaunchSpec::default()
+        })
+        .await
+        .expect("launch");
+    let recorded = kernel
+        .persisted()
+        .await
+        .expect("a Docker kernel can be persisted");
+
+    let elsewhere = Workspace::new();
+    let other = sandbox(&elsewhere).await;
+    let refused = other.adopt_kernel(&recorded).await.expect_err("not ours");
+    assert!(
+        refused.to_string().contains("belongs to instance"),
+        "{refused}"
+    );
+
+    kernel.detach().await.expect("detach");
+    std::fs::remove_dir_all(workspace.state_dir().join("sessions/refused/ipc")).expect("rm");
+    let refused = ours
+        .adopt_kernel(&recorded)
+        .await
+        .expect_err("unreachable kernel");
+    assert!(
+        refused.to_string().contains("socket directory"),
+        "{refused}"
+    );
 }

@@ -126,31 +126,25 @@ pub(super) async fn adopt(
     let details: Details = serde_json::from_value(kernel.details.clone())
         .map_err(|err| refuse(format!("unreadable record of its containers: {err}")))?;
     let docker = &shared.docker;
-    let container_id = match docker.inspect_container(&details.container_id, None).await {
-        Ok(_) => details.container_id.clone(),
-        Err(err) if is_not_found(&err) => find_kernel_container(&shared, session)
-            .await?
-            .ok_or_else(|| refuse("its kernel container is gone".to_owned()))?,
-        Err(err) => {
-            return Err(engine_error(
-                format_args!("cannot inspect container {}", details.container_id),
-                err,
-                refuse,
-            ));
-        }
-    };
-    let inspect = match docker.inspect_container(&container_id, None).await {
-        Ok(inspect) => inspect,
+    let inspect_error =
+        |id: &str, err| engine_error(format_args!("cannot inspect container {id}"), err, refuse);
+    let (container_id, inspect) = match docker.inspect_container(&details.container_id, None).await
+    {
+        Ok(inspect) => (details.container_id.clone(), inspect),
+        // Recreated by a restart since the record was written: find it by its labels.
         Err(err) if is_not_found(&err) => {
-            return Err(refuse("its kernel container is gone".to_owned()));
+            let id = find_kernel_container(&shared, session)
+                .await?
+                .ok_or_else(|| refuse("its kernel container is gone".to_owned()))?;
+            match docker.inspect_container(&id, None).await {
+                Ok(inspect) => (id, inspect),
+                Err(err) if is_not_found(&err) => {
+                    return Err(refuse("its kernel container is gone".to_owned()));
+                }
+                Err(err) => return Err(inspect_error(&id, err)),
+            }
         }
-        Err(err) => {
-            return Err(engine_error(
-                format_args!("cannot inspect container {container_id}"),
-                err,
-                refuse,
-            ));
-        }
+        Err(err) => return Err(inspect_error(&details.container_id, err)),
     };
     let labels = inspect
         .config
@@ -176,11 +170,15 @@ pub(super) async fn adopt(
         )));
     }
     if kernel.connection.transport == Transport::Ipc {
+        // The directory of the kernel's sockets, bind-mounted into the container: without it
+        // (state dir wiped, another host) the kernel cannot be reached. The sockets themselves
+        // may not be there yet if the kernel has just been (re)started.
         let shell = kernel.connection.ipc_path(Channel::Shell);
-        if !shell.exists() {
+        let dir = shell.parent().unwrap_or(std::path::Path::new("/"));
+        if !dir.is_dir() {
             return Err(refuse(format!(
-                "its kernel's sockets are gone from this host ({} is missing)",
-                shell.display()
+                "its kernel's socket directory {} is gone from this host",
+                dir.display()
             )));
         }
     }
