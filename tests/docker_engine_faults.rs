@@ -96,7 +96,8 @@ async fn post_session(server: &common::TestServer) -> (u16, Value) {
 async fn a_bogus_engine_address_is_refused_at_start_with_what_to_do() {
     let err = DockerSandbox::new(DockerConfig {
         docker_host: Some("unix:///nonexistent/kernelbox/docker.sock".to_owned()),
-        state_dir: common::temp_state_dir(),
+        // Never created: the engine is asked first.
+        state_dir: PathBuf::from("/nonexistent/kernelbox/state"),
         ..DockerConfig::default()
     })
     .await
