@@ -46,6 +46,16 @@ fn containers(label: &str, all: bool) -> Vec<String> {
         .collect()
 }
 
+/// Names of the volumes carrying `label`.
+fn volumes(label: &str) -> Vec<String> {
+    let filter = format!("label={label}");
+    docker(&["volume", "ls", "-q", "--filter", &filter])
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
 /// A temporary state dir whose server instance's containers and volumes are removed, whatever
 /// the test's outcome.
 struct Workspace {
@@ -306,6 +316,11 @@ async fn a_restarted_server_takes_its_sessions_back_with_their_variables_and_fil
         containers(&session, false),
         "nothing but the session's containers is left"
     );
+    assert_eq!(
+        volumes(&session).len(),
+        1,
+        "its working-dir volume stays too"
+    );
 
     // Second server, same store: the session is there, with its variable and its file.
     let second = Server::start(&workspace, 0).await;
@@ -345,6 +360,7 @@ async fn a_restarted_server_takes_its_sessions_back_with_their_variables_and_fil
         containers(&instance, true).is_empty(),
         "no container of this server instance remains"
     );
+    assert!(volumes(&instance).is_empty(), "nor any volume");
     let store = SessionStore::open(&workspace.store()).expect("open the store");
     assert!(
         store.list().expect("list").0.is_empty(),
