@@ -515,6 +515,16 @@ async fn a_crashed_server_s_sessions_are_taken_back_too() {
     ws.wait_kernel("idle").await;
     let cell = ws.run("y").await;
     assert_eq!(cell.result_text().as_deref(), Some("'before the crash'"));
+    // The adopted kernel restarts like any other (same connection file, same container).
+    ws.send(serde_json::json!({"type": "restart"})).await;
+    ws.wait_kernel("restarting").await;
+    ws.wait_kernel("idle").await;
+    let cell = ws.run("'y' in dir()").await;
+    assert_eq!(
+        cell.result_text().as_deref(),
+        Some("False"),
+        "a fresh kernel"
+    );
     drop(ws);
     assert_eq!(second.delete(&format!("/v1/sessions/{id}")).await, 204);
     second.terminate().await;
