@@ -99,7 +99,7 @@ impl SessionManager {
                         startup.unreachable.push(record.id);
                     }
                     Err(err) => {
-                        tracing::info!(session = %record.id, reason = %err, "forgetting a stored session whose kernel is gone");
+                        tracing::info!(session = %record.id, reason = %err, "forgetting a stored session: its kernel cannot be taken over");
                         store.remove(&record.id)?;
                         startup.dropped.push((record.id, err.to_string()));
                     }
