@@ -141,6 +141,23 @@ async fn while_the_engine_is_unreachable_creation_is_a_503_and_all_recovers_when
             "the message says what is wrong: {message}"
         );
 
+        // The same through the Jupyter API, in the shape Jupyter clients read.
+        let resp = server
+            .http()
+            .post(server.url("/api/kernels"))
+            .bearer_auth(&server.token)
+            .json(&json!({"name": "python3"}))
+            .send()
+            .await
+            .expect("POST /api/kernels");
+        assert_eq!(resp.status(), 503);
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("the Docker engine is unreachable: "),
+            "{body}"
+        );
+
         // A session deleted meanwhile is gone for clients at once; its containers go once the
         // engine is back (below).
         let deleted = server
