@@ -11,7 +11,7 @@ use kernelbox::api::{self, ApiToken, AppState, KernelSpecs, Token, Tokens};
 use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
 use kernelbox::sandbox::{Sandbox, SandboxError};
-use kernelbox::session::{ReplayLimits, SessionManager, SessionOptions};
+use kernelbox::session::{ReplayLimits, SessionManager, SessionOptions, SessionStore};
 
 /// A server that gives every client session its own sandboxed Jupyter kernel.
 #[derive(Parser)]
@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the local backend's Python venv (ipykernel, matplotlib, numpy, pandas).
     Setup {
         /// The python used to create the venv.
@@ -149,6 +149,14 @@ struct ServeArgs {
     /// Cull idle sessions even while a client is connected.
     #[arg(long, env = "KERNELBOX_CULL_CONNECTED")]
     cull_connected: bool,
+    /// The session store (SQLite) that lets sessions outlive a server restart (Docker backend):
+    /// a stopped server leaves their containers running and the next one re-adopts them.
+    /// Default: `sessions.db` in the Docker backend's state dir.
+    #[arg(long, env = "KERNELBOX_STATE_DB")]
+    state_db: Option<PathBuf>,
+    /// Keep no session store: stopping the server removes every session's container.
+    #[arg(long, env = "KERNELBOX_EPHEMERAL", conflicts_with = "state_db")]
+    ephemeral: bool,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -177,7 +185,7 @@ struct ReplArgs {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Setup { python } => venv::ensure(&python)
             .await
             .map(|p| {
@@ -280,11 +288,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             }
         },
     };
-    match sandbox.cleanup().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(removed = n, "removed kernels a previous run left behind"),
-        Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
-    }
+    let store = session_store(&args, sandbox.as_ref())?;
     let kernelspecs = match &args.kernelspecs {
         Some(path) => KernelSpecs::from_file(path).map_err(|e| e.to_string())?,
         None => KernelSpecs::default(),
@@ -307,7 +311,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         cull_connected: args.cull_connected,
         ..SessionOptions::default()
     };
-    let sessions = SessionManager::new(sandbox, options);
+    let (sessions, startup) = SessionManager::open(sandbox, options, store)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !startup.adopted.is_empty() {
+        eprintln!(
+            "kernelbox: re-adopted {} session(s) from the previous run",
+            startup.adopted.len()
+        );
+    }
     let tokens = match (&args.tokens_file, &args.token) {
         (Some(path), _) => api::auth::read_tokens_file(path).map_err(|e| e.to_string())?,
         (None, Some(t)) if !t.is_empty() => vec![ApiToken::new(
@@ -341,9 +353,35 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_allowed_origins(args.allowed_origins.clone())
         .with_kernelspecs(kernelspecs);
     let result = api::serve(listener, state, shutdown_signal()).await;
-    tracing::info!("shutting down: closing every session");
-    sessions.shutdown().await;
+    if sessions.persistent() {
+        tracing::info!("shutting down: sessions keep running for the next start");
+        sessions.detach().await;
+    } else {
+        tracing::info!("shutting down: closing every session");
+        sessions.shutdown().await;
+    }
     result.map_err(|e| format!("server failed: {e}"))
+}
+
+/// The session store for the Docker backend unless `--ephemeral`; none for the local backend,
+/// whose kernels are child processes that end with the server.
+fn session_store(args: &ServeArgs, sandbox: &dyn Sandbox) -> Result<Option<SessionStore>, String> {
+    if args.ephemeral {
+        return Ok(None);
+    }
+    if sandbox.name() != "docker" {
+        if let Some(path) = &args.state_db {
+            tracing::warn!(path = %path.display(), "--state-db is ignored: local kernels end with the server");
+        }
+        return Ok(None);
+    }
+    let path = match &args.state_db {
+        Some(path) => path.clone(),
+        None => docker_config(args).state_dir.join("sessions.db"),
+    };
+    let store = SessionStore::open(&path).map_err(|e| e.to_string())?;
+    tracing::info!(path = %path.display(), "session store");
+    Ok(Some(store))
 }
 
 async fn shutdown_signal() {

@@ -59,7 +59,7 @@ impl From<SessionError> for AppError {
             SessionError::Closed(_) => StatusCode::GONE,
             SessionError::Overloaded(_) | SessionError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             SessionError::Sandbox(SandboxError::Policy(_)) => StatusCode::FORBIDDEN,
-            SessionError::Sandbox(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self {
             status,

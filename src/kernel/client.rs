@@ -122,6 +122,10 @@ pub struct ClientOptions {
     pub heartbeat_misses: u32,
     /// Capacity of the bounded incoming channel.
     pub incoming_capacity: usize,
+    /// Prove readiness with `kernel_info_request`s on control instead of shell: for a kernel
+    /// that was ready before (taken over from another server process), which may be running a
+    /// cell and so not answer on shell until it ends. ipykernel answers on control while busy.
+    pub ready_via_control: bool,
 }
 
 impl Default for ClientOptions {
@@ -131,6 +135,7 @@ impl Default for ClientOptions {
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_misses: 3,
             incoming_capacity: 4096,
+            ready_via_control: false,
         }
     }
 }
@@ -190,10 +195,17 @@ impl KernelClient {
             stdin,
             _tasks: tasks,
         };
-        client.kernel_info =
-            tokio::time::timeout_at(deadline, client.await_ready(&ready_prefix, ready_rx))
-                .await
-                .map_err(|_| not_ready)??;
+        let ready_channel = if opts.ready_via_control {
+            Channel::Control
+        } else {
+            Channel::Shell
+        };
+        client.kernel_info = tokio::time::timeout_at(
+            deadline,
+            client.await_ready(ready_channel, &ready_prefix, ready_rx),
+        )
+        .await
+        .map_err(|_| not_ready)??;
 
         client._tasks.spawn(run_heartbeat(
             sockets.heartbeat,
@@ -254,10 +266,11 @@ impl KernelClient {
         self.send(channel, msg).await
     }
 
-    /// Sends `kernel_info_request`s until one has both its iopub `status` and its shell reply;
-    /// returns that reply's content.
+    /// Sends `kernel_info_request`s on `channel` (shell or control) until one has both its
+    /// iopub `status` and its reply; returns that reply's content.
     async fn await_ready(
         &self,
+        channel: Channel,
         ready_prefix: &str,
         mut replies: mpsc::Receiver<(Channel, Message)>,
     ) -> Result<Value, KernelError> {
@@ -271,19 +284,19 @@ impl KernelClient {
                     let mut msg = Message::new("kernel_info_request", &self.session,
                         Value::Object(Default::default()));
                     msg.header.msg_id = format!("{ready_prefix}{}", uuid::Uuid::new_v4());
-                    self.send(Channel::Shell, msg).await?;
+                    self.send(channel, msg).await?;
                 }
                 got = replies.recv() => {
-                    let (channel, msg) = got.ok_or(KernelError::Closed)?;
+                    let (from, msg) = got.ok_or(KernelError::Closed)?;
                     let Some(parent) = msg.parent_id().map(str::to_owned) else { continue };
-                    match (channel, msg.msg_type()) {
+                    match (from, msg.msg_type()) {
                         (Channel::IoPub, "status") => {
                             if let Some(info) = with_reply.remove(&parent) {
                                 return Ok(info);
                             }
                             with_status.insert(parent);
                         }
-                        (Channel::Shell, "kernel_info_reply") => {
+                        (from, "kernel_info_reply") if from == channel => {
                             if with_status.contains(&parent) {
                                 return Ok(msg.content);
                             }

@@ -5,10 +5,11 @@
 pub mod docker;
 pub mod local;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::kernel::ConnectionInfo;
 
@@ -66,6 +67,18 @@ pub enum SandboxError {
     /// The request asked for something the operator's policy forbids.
     #[error("not allowed: {0}")]
     Policy(String),
+    /// The engine that runs the kernels does not answer (stopped, restarting, socket gone):
+    /// nothing that needs it can be done until it is back.
+    #[error("{what} is unreachable: {reason}")]
+    Unreachable {
+        /// The engine (`the Docker engine`).
+        what: &'static str,
+        /// What failed, with the underlying cause.
+        reason: String,
+    },
+    /// A kernel a previous server process left cannot be taken over (gone, stopped, not ours).
+    #[error("cannot adopt kernel: {0}")]
+    NotAdoptable(String),
     /// Filesystem trouble (connection dirs, files).
     #[error("{context}: {source}")]
     Io {
@@ -113,6 +126,22 @@ pub struct LaunchSpec {
     pub kernel: KernelCommand,
 }
 
+/// What a server process must remember of a running kernel so that the next server process can
+/// take it over ([`Sandbox::adopt`]) after a restart: the session layer stores it as it is.
+/// Contains the kernel's signing key: store it where only the server can read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedKernel {
+    /// The backend that launched the kernel ([`Sandbox::name`]); only that backend adopts it.
+    pub backend: String,
+    /// The session the kernel was launched for ([`LaunchSpec::session_id`]).
+    pub session_id: String,
+    /// Where the kernel listens and its key (the server side's view).
+    pub connection: ConnectionInfo,
+    /// What else the backend needs (container ids, volume, how to recreate the container),
+    /// opaque to every other layer.
+    pub details: serde_json::Value,
+}
+
 /// A backend that can start kernels.
 #[async_trait]
 pub trait Sandbox: Send + Sync + 'static {
@@ -123,8 +152,32 @@ pub trait Sandbox: Send + Sync + 'static {
     /// started (not necessarily listening yet: the kernel client proves readiness).
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError>;
 
+    /// Takes over a kernel that a previous server process launched and left running, from what
+    /// [`KernelProcess::persisted`] described. Fails with [`SandboxError::NotAdoptable`] when the
+    /// kernel is gone (the caller forgets it) and [`SandboxError::Unreachable`] when the engine
+    /// cannot tell (the caller may try again later). Backends whose kernels cannot outlive the
+    /// server (local processes) refuse.
+    async fn adopt(
+        &self,
+        kernel: &PersistedKernel,
+    ) -> Result<Box<dyn KernelProcess>, SandboxError> {
+        Err(SandboxError::NotAdoptable(format!(
+            "the {} backend cannot take over kernels of session {} from another server process",
+            self.name(),
+            kernel.session_id
+        )))
+    }
+
     /// Removes whatever this server instance left behind (called at start and at shutdown).
+    /// Returns how many kernels were removed.
     async fn cleanup(&self) -> Result<usize, SandboxError> {
+        self.cleanup_except(&HashSet::new()).await
+    }
+
+    /// Like [`cleanup`](Self::cleanup), but keeps the kernels (and everything else) of the
+    /// sessions in `keep`: the ones a restarted server has just re-adopted.
+    async fn cleanup_except(&self, keep: &HashSet<String>) -> Result<usize, SandboxError> {
+        let _ = keep;
         Ok(0)
     }
 }
@@ -148,4 +201,18 @@ pub trait KernelProcess: Send + Sync + 'static {
     /// Stops the kernel and removes everything it had (process, container, directories).
     /// Idempotent.
     async fn shutdown(&self) -> Result<(), SandboxError>;
+
+    /// What the next server process needs to [adopt](Sandbox::adopt) this kernel, or `None`
+    /// when the backend's kernels cannot outlive the server (the default).
+    async fn persisted(&self) -> Option<PersistedKernel> {
+        None
+    }
+
+    /// Lets go of the kernel without stopping it, so that the next server process can adopt it
+    /// (graceful shutdown of a server that persists its sessions). Afterwards this handle does
+    /// nothing and dropping it removes nothing. Backends whose kernels cannot outlive the server
+    /// stop them instead (the default).
+    async fn detach(&self) -> Result<(), SandboxError> {
+        self.shutdown().await
+    }
 }

@@ -50,6 +50,8 @@ pub(crate) struct Actor {
     fanout: Arc<Fanout>,
     status: Arc<Mutex<Status>>,
     seq: u64,
+    /// Whether the first state event went out (it always does, even if the state is unchanged).
+    announced: bool,
     state: KernelState,
     process: Box<dyn KernelProcess>,
     client: Option<KernelClient>,
@@ -69,7 +71,9 @@ pub(crate) struct Actor {
 }
 
 impl Actor {
-    /// An actor for a kernel that is either ready (from the pool) or just launched.
+    /// An actor for a kernel that is either ready (from the pool), just launched or just adopted.
+    /// Its events are numbered from `last_seq + 1` (0 for a new session; where a previous server
+    /// process left off for an adopted one).
     pub(crate) fn new(
         id: Arc<str>,
         opts: SessionOptions,
@@ -77,6 +81,7 @@ impl Actor {
         commands: mpsc::Receiver<Command>,
         fanout: Arc<Fanout>,
         status: Arc<Mutex<Status>>,
+        last_seq: u64,
     ) -> Self {
         let mut actor = Self {
             id,
@@ -84,7 +89,8 @@ impl Actor {
             commands,
             fanout,
             status,
-            seq: 0,
+            seq: last_seq,
+            announced: false,
             state: KernelState::Starting,
             process: kernel.process,
             client: None,
@@ -106,7 +112,13 @@ impl Actor {
                 actor.incoming = Some(incoming);
                 actor.state = KernelState::Idle;
             }
-            None => actor.start_connecting(),
+            None => {
+                // A kernel taken over from a previous server process may be running a cell: it
+                // answers on control meanwhile, not on shell.
+                let mut client = actor.opts.client.clone();
+                client.ready_via_control = kernel.adopted;
+                actor.connect_with(client);
+            }
         }
         actor
     }
@@ -115,6 +127,7 @@ impl Actor {
     pub(crate) async fn run(mut self) {
         self.set_state(self.state, None);
         let mut close_ack: Option<oneshot::Sender<()>> = None;
+        let mut detach = false;
         loop {
             if let Err(e) = self.start_next().await {
                 tracing::warn!(session = %self.id, error = %e, "sending cell failed");
@@ -123,6 +136,11 @@ impl Actor {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(Command::Close(ack)) => { close_ack = Some(ack); break; }
+                    Some(Command::Detach(ack)) => {
+                        close_ack = Some(ack);
+                        detach = true;
+                        break;
+                    }
                     Some(command) => self.handle(command).await,
                     None => break,
                 },
@@ -139,21 +157,31 @@ impl Actor {
                 () = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
             }
         }
-        self.abort_all("aborted");
         self.client = None;
         self.incoming = None;
-        if let Err(e) = self.process.shutdown().await {
-            tracing::warn!(session = %self.id, error = %e, "kernel shutdown failed");
+        if detach {
+            // The kernel goes on (a running cell too); the next server process adopts it.
+            if let Err(e) = self.process.detach().await {
+                tracing::warn!(session = %self.id, error = %e, "cannot detach from the kernel");
+            }
+        } else {
+            self.abort_all("aborted");
+            if let Err(e) = self.process.shutdown().await {
+                tracing::warn!(session = %self.id, error = %e, "kernel shutdown failed");
+            }
+            self.set_state(KernelState::Closed, None);
         }
-        self.set_state(KernelState::Closed, None);
         if let Some(ack) = close_ack {
             let _ = ack.send(());
         }
     }
 
     fn start_connecting(&mut self) {
+        self.connect_with(self.opts.client.clone());
+    }
+
+    fn connect_with(&mut self, opts: crate::kernel::ClientOptions) {
         let info = self.process.connection().clone();
-        let opts = self.opts.client.clone();
         self.connecting = Some(Box::pin(
             async move { KernelClient::connect(&info, opts).await },
         ));
@@ -268,7 +296,7 @@ impl Actor {
                 msg,
                 origin,
             } => self.forward(channel, *msg, origin).await,
-            Command::Close(_) => {}
+            Command::Close(_) | Command::Detach(_) => {}
         }
     }
 
@@ -711,7 +739,8 @@ impl Actor {
     }
 
     fn set_state(&mut self, state: KernelState, reason: Option<String>) {
-        let changed = state != self.state || reason.is_some() || self.seq == 0;
+        let changed = state != self.state || reason.is_some() || !self.announced;
+        self.announced = true;
         self.state = state;
         self.update_status(|s| s.state = state);
         if changed {

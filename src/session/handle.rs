@@ -57,6 +57,8 @@ pub(crate) enum Command {
         origin: Arc<str>,
     },
     Close(oneshot::Sender<()>),
+    /// Stop the actor but leave the kernel running, for the next server process to adopt.
+    Detach(oneshot::Sender<()>),
 }
 
 /// Errors of session operations, each saying what the client should know.
@@ -77,6 +79,9 @@ pub enum SessionError {
     /// The server's session limit is reached.
     #[error("{0}")]
     Limit(String),
+    /// The session could not be recorded in (or forgotten by) the session store.
+    #[error("the session store failed: {0}")]
+    Store(#[from] super::store::StoreError),
 }
 
 /// A point-in-time view of a session, for listings.
@@ -210,6 +215,15 @@ impl Session {
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Stops the session's actor but leaves its kernel running (backends that can keep it) for
+    /// the next server process to adopt; waits until that is done.
+    pub async fn detach(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Detach(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }

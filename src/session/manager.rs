@@ -1,9 +1,12 @@
-//! The session manager: every live session by id, creation through the sandbox, and shutdown.
+//! The session manager: every live session by id, creation through the sandbox, shutdown, and —
+//! with a [`SessionStore`] — sessions that outlive a server restart: each is recorded when it
+//! starts, forgotten when it ends, let go of (kernel still running) at a graceful shutdown and
+//! re-adopted by the next server process.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
@@ -11,8 +14,9 @@ use super::actor::Actor;
 use super::fanout::Fanout;
 use super::handle::{Session, SessionError, SessionInfo, Status};
 use super::pool::Pool;
+use super::store::{SessionStore, StoreError, StoredSession};
 use super::{Kernel, KernelState, SessionOptions};
-use crate::sandbox::{KernelCommand, LaunchSpec, Sandbox};
+use crate::sandbox::{KernelCommand, LaunchSpec, Sandbox, SandboxError};
 
 /// What a client may ask for when creating a session.
 #[derive(Debug, Clone, Default)]
@@ -34,30 +38,123 @@ pub struct CreateSession {
 /// The kernelspec name of sessions that ask for no other.
 pub const DEFAULT_KERNEL_NAME: &str = "python3";
 
+/// What [`SessionManager::open`] found and did at start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Startup {
+    /// Stored sessions whose kernels were re-adopted (they are live again).
+    pub adopted: Vec<String>,
+    /// Stored sessions that were forgotten, with why (their kernels were gone or not ours).
+    pub dropped: Vec<(String, String)>,
+    /// Stored sessions kept in the store but not restored because the engine did not answer.
+    pub unreachable: Vec<String>,
+    /// Kernels a previous run left that no stored session claims, removed by housekeeping.
+    pub removed: usize,
+}
+
 /// Holds every live session and the sandbox that runs their kernels.
 pub struct SessionManager {
     sessions: DashMap<Arc<str>, Arc<Session>>,
     sandbox: Arc<dyn Sandbox>,
     options: SessionOptions,
-    pool: Option<Arc<Pool>>,
+    /// Started once the manager is ready to give kernels away (after re-adoption and
+    /// housekeeping, which would otherwise remove the pool's fresh kernels).
+    pool: OnceLock<Arc<Pool>>,
+    store: Option<Arc<SessionStore>>,
 }
 
 impl SessionManager {
-    /// A manager that starts kernels with `sandbox`.
+    /// A manager that starts kernels with `sandbox` and keeps no record of its sessions: they
+    /// end with the server (in-process servers, tests). Does no housekeeping.
     pub fn new(sandbox: Arc<dyn Sandbox>, options: SessionOptions) -> Arc<Self> {
-        let pool = (options.pool_size > 0)
-            .then(|| Pool::start(options.pool_size, sandbox.clone(), options.client.clone()));
-        let cull = options.cull_idle;
-        let manager = Arc::new(Self {
+        let manager = Arc::new(Self::bare(sandbox, options, None));
+        manager.start_pool();
+        manager.start_culling();
+        manager
+    }
+
+    /// A server's manager: with a `store`, re-adopts the stored sessions whose kernels still
+    /// run and forgets the others (with a log line each); then removes every kernel of this
+    /// server instance that no live session claims (housekeeping); then starts the warm pool.
+    /// Fails only if the store cannot be read.
+    pub async fn open(
+        sandbox: Arc<dyn Sandbox>,
+        options: SessionOptions,
+        store: Option<SessionStore>,
+    ) -> Result<(Arc<Self>, Startup), StoreError> {
+        let manager = Arc::new(Self::bare(sandbox, options, store.map(Arc::new)));
+        let mut startup = Startup::default();
+        let mut keep = HashSet::new();
+        if let Some(store) = &manager.store {
+            let (stored, unreadable) = store.list()?;
+            for bad in unreadable {
+                tracing::warn!(session = %bad.id, reason = %bad.reason, "forgetting an unreadable stored session");
+                store.remove(&bad.id)?;
+                startup.dropped.push((bad.id, bad.reason));
+            }
+            for record in stored {
+                match manager.adopt(&record).await {
+                    Ok(()) => {
+                        tracing::info!(session = %record.id, "re-adopted a stored session");
+                        keep.insert(record.id.clone());
+                        startup.adopted.push(record.id);
+                    }
+                    Err(err @ SandboxError::Unreachable { .. }) => {
+                        tracing::warn!(session = %record.id, error = %err, "cannot re-adopt a stored session now; keeping it for the next start");
+                        keep.insert(record.id.clone());
+                        startup.unreachable.push(record.id);
+                    }
+                    Err(err) => {
+                        tracing::info!(session = %record.id, reason = %err, "forgetting a stored session: its kernel cannot be taken over");
+                        store.remove(&record.id)?;
+                        startup.dropped.push((record.id, err.to_string()));
+                    }
+                }
+            }
+        }
+        match manager.sandbox.cleanup_except(&keep).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(removed = n, "removed kernels a previous run left behind");
+                startup.removed = n;
+            }
+            Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
+        }
+        manager.start_pool();
+        manager.start_culling();
+        Ok((manager, startup))
+    }
+
+    fn bare(
+        sandbox: Arc<dyn Sandbox>,
+        options: SessionOptions,
+        store: Option<Arc<SessionStore>>,
+    ) -> Self {
+        Self {
             sessions: DashMap::new(),
             sandbox,
             options,
-            pool,
-        });
-        if let Some(idle) = cull {
-            tokio::spawn(cull_idle_sessions(Arc::downgrade(&manager), idle));
+            pool: OnceLock::new(),
+            store,
         }
-        manager
+    }
+
+    fn start_pool(&self) {
+        if self.options.pool_size > 0 {
+            let _ = self.pool.get_or_init(|| {
+                Pool::start(
+                    self.options.pool_size,
+                    self.sandbox.clone(),
+                    self.options.client.clone(),
+                )
+            });
+        }
+    }
+
+    /// Starts closing idle sessions, when the options ask for it.
+    fn start_culling(self: &Arc<Self>) {
+        if let Some(idle) = self.options.cull_idle {
+            tokio::spawn(cull_idle_sessions(Arc::downgrade(self), idle));
+        }
     }
 
     /// The sessions the culling rules close now: idle (no cell running or queued, not starting
@@ -76,6 +173,36 @@ impl SessionManager {
                 (quiet && alone && since >= idle).then(|| info.id.clone())
             })
             .collect()
+    }
+
+    /// Takes over a stored session's kernel and starts its actor (which reconnects).
+    async fn adopt(&self, record: &StoredSession) -> Result<(), SandboxError> {
+        if record.kernel.session_id != record.id {
+            return Err(SandboxError::NotAdoptable(format!(
+                "the record of session {} describes the kernel of session {}",
+                record.id, record.kernel.session_id
+            )));
+        }
+        let process = self.sandbox.adopt(&record.kernel).await?;
+        let kernel = Kernel {
+            id: record.id.as_str().into(),
+            process,
+            client: None,
+            adopted: true,
+        };
+        self.spawn(
+            kernel,
+            record.kernel_name.as_str().into(),
+            record.owner.as_deref().map(Arc::from),
+            record.created,
+            record.last_seq,
+        );
+        Ok(())
+    }
+
+    /// Whether sessions are recorded so that they outlive a server restart.
+    pub fn persistent(&self) -> bool {
+        self.store.is_some()
     }
 
     /// The sandbox backend's name.
@@ -114,7 +241,7 @@ impl SessionManager {
         let plain = !request.network
             && request.env.is_empty()
             && request.kernel == KernelCommand::default();
-        let pooled = self.pool.as_ref().filter(|_| plain).and_then(|p| p.take());
+        let pooled = self.pool.get().filter(|_| plain).and_then(|p| p.take());
         let kernel = match pooled {
             Some(kernel) => kernel,
             None => {
@@ -130,10 +257,31 @@ impl SessionManager {
                     id,
                     process,
                     client: None,
+                    adopted: false,
                 }
             }
         };
-        Ok(self.spawn(kernel, kernel_name, request.owner))
+        let created = Utc::now();
+        if let Some(store) = &self.store
+            && let Some(persisted) = kernel.process.persisted().await
+        {
+            let record = StoredSession {
+                id: kernel.id.to_string(),
+                owner: request.owner.as_deref().map(str::to_owned),
+                kernel_name: kernel_name.to_string(),
+                created,
+                last_seq: 0,
+                kernel: persisted,
+            };
+            if let Err(err) = store.insert(&record) {
+                // A session that would silently not survive a restart is worse than none.
+                if let Err(e) = kernel.process.shutdown().await {
+                    tracing::warn!(error = %e, "cannot remove the kernel of an unrecorded session");
+                }
+                return Err(err.into());
+            }
+        }
+        Ok(self.spawn(kernel, kernel_name, request.owner, created, 0))
     }
 
     fn spawn(
@@ -141,6 +289,8 @@ impl SessionManager {
         kernel: Kernel,
         kernel_name: Arc<str>,
         owner: Option<Arc<str>>,
+        created: DateTime<Utc>,
+        last_seq: u64,
     ) -> Arc<Session> {
         let id = kernel.id.clone();
         let now = Utc::now();
@@ -157,7 +307,7 @@ impl SessionManager {
         }));
         let session = Arc::new(Session {
             id: id.clone(),
-            created: now,
+            created,
             kernel_name,
             owner,
             backend: self.sandbox.name(),
@@ -172,6 +322,7 @@ impl SessionManager {
             commands_rx,
             fanout,
             status,
+            last_seq,
         );
         let span = tracing::info_span!("session", id = %id);
         tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -181,7 +332,7 @@ impl SessionManager {
 
     /// Ready kernels waiting in the warm pool.
     pub fn pool_ready(&self) -> usize {
-        self.pool.as_ref().map_or(0, |p| p.len())
+        self.pool.get().map_or(0, |p| p.len())
     }
 
     /// The session with this id.
@@ -196,26 +347,57 @@ impl SessionManager {
         list
     }
 
-    /// Closes a session and removes its kernel.
+    /// Closes a session, removes its kernel and forgets it in the store.
     pub async fn remove(&self, id: &str) -> Result<(), SessionError> {
         let (_, session) = self
             .sessions
             .remove(id)
             .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
         session.close().await;
+        if let Some(store) = &self.store {
+            // The kernel is gone whatever the store says; a stale record is dropped at the next
+            // start, when its containers are found gone.
+            if let Err(err) = store.remove(id) {
+                tracing::warn!(session = %id, error = %err, "cannot forget a closed session");
+            }
+        }
         Ok(())
     }
 
-    /// Closes every session (graceful shutdown).
+    /// Closes every session, removes their kernels and what this server instance left behind,
+    /// and forgets them in the store (the end of a server that keeps nothing, and of tests).
     pub async fn shutdown(&self) {
         let ids: Vec<Arc<str>> = self.sessions.iter().map(|s| s.key().clone()).collect();
         let closing = ids.iter().map(|id| self.remove(id));
         futures::future::join_all(closing).await;
-        if let Some(pool) = &self.pool {
+        if let Some(pool) = self.pool.get() {
             pool.close().await;
         }
         if let Err(e) = self.sandbox.cleanup().await {
             tracing::warn!(error = %e, "sandbox cleanup failed");
+        }
+    }
+
+    /// The graceful shutdown of a server that keeps its sessions across restarts: every
+    /// session's actor stops, its kernel keeps running (and the store remembers where its
+    /// events stopped) for the next server process to re-adopt. Warm-pool kernels, which belong
+    /// to no session, are removed. Without a store (or for kernels the backend cannot keep) this
+    /// is [`shutdown`](Self::shutdown).
+    pub async fn detach(&self) {
+        let Some(store) = &self.store else {
+            self.shutdown().await;
+            return;
+        };
+        let sessions: Vec<Arc<Session>> = self.sessions.iter().map(|s| s.value().clone()).collect();
+        futures::future::join_all(sessions.iter().map(|s| s.detach())).await;
+        for session in &sessions {
+            self.sessions.remove(session.id());
+            if let Err(err) = store.set_last_seq(session.id(), session.last_seq()) {
+                tracing::warn!(session = %session.id(), error = %err, "cannot record where the session's events stopped");
+            }
+        }
+        if let Some(pool) = self.pool.get() {
+            pool.close().await;
         }
     }
 }

@@ -7,6 +7,7 @@ mod fanout;
 mod handle;
 pub mod manager;
 mod pool;
+pub mod store;
 
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use tokio::sync::mpsc;
 pub use events::{EventKind, KernelState, SessionEvent};
 pub use fanout::{ReplayLimits, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
-pub use manager::{CreateSession, SessionManager};
+pub use manager::{CreateSession, SessionManager, Startup};
+pub use store::{SessionStore, StoreError, StoredSession};
 
 use crate::kernel::{ClientOptions, Incoming, KernelClient};
 use crate::sandbox::KernelProcess;
@@ -80,4 +82,7 @@ pub(crate) struct Kernel {
     pub id: std::sync::Arc<str>,
     pub process: Box<dyn KernelProcess>,
     pub client: Option<(KernelClient, mpsc::Receiver<Incoming>)>,
+    /// Whether the kernel was taken over from a previous server process (it may be busy with a
+    /// cell that ran across the restart).
+    pub adopted: bool,
 }

@@ -110,6 +110,7 @@ async fn refill(pool: Arc<Pool>, sandbox: Arc<dyn Sandbox>, client: ClientOption
                         id: id.into(),
                         process,
                         client: Some(connected),
+                        adopted: false,
                     }),
                     Err(e) => {
                         let _ = process.shutdown().await;

@@ -37,7 +37,9 @@ log=target/artifacts/browser-server.log
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 
-"$bin" serve --backend "$backend" --token "$token" --bind "127.0.0.1:$port" --pool-size 0 >"$log" 2>&1 &
+# --ephemeral: stopping the server removes every session (the Docker backend would otherwise keep
+# them for its next start).
+"$bin" serve --backend "$backend" --ephemeral --token "$token" --bind "127.0.0.1:$port" --pool-size 0 >"$log" 2>&1 &
 server=$!
 stop_server() {
     if kill -0 "$server" 2>/dev/null; then

@@ -56,7 +56,7 @@ export async function startServer(options = {}) {
   }
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const args = ['serve', '--backend', 'local', '--token', token];
+  const args = ['serve', '--backend', 'local', '--ephemeral', '--token', token];
   args.push('--bind', `127.0.0.1:${port}`, '--pool-size', '0');
   const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';

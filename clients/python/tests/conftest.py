@@ -96,6 +96,7 @@ def server() -> Iterator[Server]:
             "--token", token,
             "--bind", url.removeprefix("http://"),
             "--pool-size", "0",
+            "--ephemeral",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "KERNELBOX_TOKEN"}
         with log.open("wb") as out:

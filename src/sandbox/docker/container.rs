@@ -12,21 +12,23 @@ use bollard::models::{
     MountType, PortBinding, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    KillContainerOptions, RestartContainerOptions, StartContainerOptions, WaitContainerOptions,
+    KillContainerOptions, ListContainersOptions, RestartContainerOptions, StartContainerOptions,
+    WaitContainerOptions,
 };
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use super::config::{KernelTransport, WorkDirStorage};
 use super::state::{MAX_SOCKET_PATH, SessionDirs};
 use super::{
-    LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION, Shared, control, is_not_found,
-    remove_container, remove_volume,
+    BACKEND, LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION, Shared, control,
+    engine_error, is_not_found, remove_container, remove_volume,
 };
-use crate::kernel::ConnectionInfo;
 use crate::kernel::connection::Transport;
-use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, SandboxError};
+use crate::kernel::{Channel, ConnectionInfo};
+use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, PersistedKernel, SandboxError};
 
 /// `kernelbox.role` of kernel containers.
 pub(super) const ROLE_KERNEL: &str = "kernel";
@@ -88,6 +90,157 @@ impl DockerKernel {
     pub fn session_id(&self) -> &str {
         &self.session_id
     }
+}
+
+/// The Docker part of a [`PersistedKernel`]: what [`adopt`] needs besides the connection info.
+#[derive(Debug, Serialize, Deserialize)]
+struct Details {
+    /// The kernel container when the record was written (found by its labels if it was
+    /// recreated since).
+    container_id: String,
+    /// The working-dir keeper, if any.
+    keeper_id: Option<String>,
+    /// The working-dir volume, if any.
+    volume: Option<String>,
+    /// The connection file as the kernel reads it (ipc), rewritten before each restart.
+    connection_file: Option<String>,
+    /// How to create the kernel container again if it vanishes.
+    body: ContainerCreateBody,
+}
+
+/// Takes over the kernel container of a session that a previous server process launched: it
+/// must still run, carry this instance's labels and (ipc) still have its sockets on this host.
+/// Reconnecting is the caller's business (new sockets, readiness as after a launch).
+pub(super) async fn adopt(
+    shared: Arc<Shared>,
+    kernel: &PersistedKernel,
+) -> Result<DockerKernel, SandboxError> {
+    let session = &kernel.session_id;
+    let refuse = |why: String| SandboxError::NotAdoptable(format!("session {session}: {why}"));
+    if kernel.backend != BACKEND {
+        return Err(refuse(format!(
+            "its kernel ran on the {} backend, not {BACKEND}",
+            kernel.backend
+        )));
+    }
+    let details: Details = serde_json::from_value(kernel.details.clone())
+        .map_err(|err| refuse(format!("unreadable record of its containers: {err}")))?;
+    let docker = &shared.docker;
+    let inspect_error =
+        |id: &str, err| engine_error(format_args!("cannot inspect container {id}"), err, refuse);
+    let (container_id, inspect) = match docker.inspect_container(&details.container_id, None).await
+    {
+        Ok(inspect) => (details.container_id.clone(), inspect),
+        // Recreated by a restart since the record was written: find it by its labels.
+        Err(err) if is_not_found(&err) => {
+            let id = find_kernel_container(&shared, session)
+                .await?
+                .ok_or_else(|| refuse("its kernel container is gone".to_owned()))?;
+            match docker.inspect_container(&id, None).await {
+                Ok(inspect) => (id, inspect),
+                Err(err) if is_not_found(&err) => {
+                    return Err(refuse("its kernel container is gone".to_owned()));
+                }
+                Err(err) => return Err(inspect_error(&id, err)),
+            }
+        }
+        Err(err) => return Err(inspect_error(&details.container_id, err)),
+    };
+    let labels = inspect
+        .config
+        .as_ref()
+        .and_then(|config| config.labels.clone())
+        .unwrap_or_default();
+    let label = |name: &str| labels.get(name).map(String::as_str).unwrap_or("");
+    if label(LABEL_INSTANCE) != shared.instance_id || label(LABEL_SESSION) != session.as_str() {
+        return Err(refuse(format!(
+            "container {container_id} belongs to instance {:?} and session {:?}, not to this              server's instance {}",
+            label(LABEL_INSTANCE),
+            label(LABEL_SESSION),
+            shared.instance_id
+        )));
+    }
+    let state = inspect.state.unwrap_or_default();
+    if state.running != Some(true) {
+        let status = state
+            .status
+            .map_or_else(|| "not running".to_owned(), |s| s.to_string());
+        return Err(refuse(format!(
+            "its kernel container {container_id} is {status}"
+        )));
+    }
+    if kernel.connection.transport == Transport::Ipc {
+        // The directory of the kernel's sockets, bind-mounted into the container: without it
+        // (state dir wiped, another host) the kernel cannot be reached. The sockets themselves
+        // may not be there yet if the kernel has just been (re)started.
+        let shell = kernel.connection.ipc_path(Channel::Shell);
+        let dir = shell.parent().unwrap_or(std::path::Path::new("/"));
+        if !dir.is_dir() {
+            return Err(refuse(format!(
+                "its kernel's socket directory {} is gone from this host",
+                dir.display()
+            )));
+        }
+    }
+    if let Some(keeper) = &details.keeper_id {
+        // Best effort, as at a restart: a keeper stopped from outside keeps nothing.
+        if let Err(err) = docker
+            .start_container(keeper, None::<StartContainerOptions>)
+            .await
+        {
+            tracing::debug!(%err, session = %session, "cannot (re)start the working-dir keeper");
+        }
+    }
+    let state = Arc::new(watch::Sender::new(RunState {
+        generation: 0,
+        exit: None,
+    }));
+    let watcher = spawn_watcher(docker.clone(), container_id.clone(), 0, state.clone());
+    Ok(DockerKernel {
+        dirs: shared.state.session(session),
+        shared: shared.clone(),
+        session_id: session.clone(),
+        connection: kernel.connection.clone(),
+        connection_file: details.connection_file.map(String::into_bytes),
+        body: details.body,
+        keeper_id: details.keeper_id,
+        volume: details.volume,
+        state,
+        run: Mutex::new(Run {
+            container_id,
+            watcher: Some(watcher),
+            shut_down: false,
+        }),
+    })
+}
+
+/// The kernel container of `session` of this instance, found by its labels (running or not).
+async fn find_kernel_container(
+    shared: &Shared,
+    session: &str,
+) -> Result<Option<String>, SandboxError> {
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![
+            format!("{LABEL_INSTANCE}={}", shared.instance_id),
+            format!("{LABEL_SESSION}={session}"),
+            format!("{LABEL_ROLE}={ROLE_KERNEL}"),
+        ],
+    )]);
+    let containers = shared
+        .docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|err| {
+            engine_error("cannot list containers", err, |r| {
+                SandboxError::NotAdoptable(format!("session {session}: {r}"))
+            })
+        })?;
+    Ok(containers.into_iter().find_map(|summary| summary.id))
 }
 
 /// Everything created so far for a launch, undone if a later step fails.
@@ -258,7 +411,11 @@ async fn launch_inner(
                 })
                 .await
                 .map_err(|err| {
-                    SandboxError::Launch(format!("cannot create working-dir volume {name}: {err}"))
+                    engine_error(
+                        format_args!("cannot create working-dir volume {name}"),
+                        err,
+                        SandboxError::Launch,
+                    )
                 })?;
             created.volume = Some(name.clone());
             mounts.push(Mount {
@@ -512,7 +669,7 @@ async fn create(docker: &Docker, body: ContainerCreateBody) -> Result<String, Sa
         .create_container(None, body)
         .await
         .map(|created| created.id)
-        .map_err(|err| SandboxError::Launch(format!("cannot create container: {err}")))
+        .map_err(|err| engine_error("cannot create container", err, SandboxError::Launch))
 }
 
 /// Creates and starts a container; returns its id if it was created (to undo) and how the
@@ -534,7 +691,13 @@ async fn start(docker: &Docker, id: &str) -> Result<(), SandboxError> {
     docker
         .start_container(id, None::<StartContainerOptions>)
         .await
-        .map_err(|err| SandboxError::Launch(format!("cannot start container {id}: {err}")))
+        .map_err(|err| {
+            engine_error(
+                format_args!("cannot start container {id}"),
+                err,
+                SandboxError::Launch,
+            )
+        })
 }
 
 /// Five free ports on `host` when it is a loopback address (the engine runs here), with the
@@ -578,10 +741,13 @@ async fn tcp_connection(
     connect_host: &str,
     mut info: ConnectionInfo,
 ) -> Result<ConnectionInfo, SandboxError> {
-    let inspect = docker
-        .inspect_container(id, None)
-        .await
-        .map_err(|err| SandboxError::Launch(format!("cannot inspect container {id}: {err}")))?;
+    let inspect = docker.inspect_container(id, None).await.map_err(|err| {
+        engine_error(
+            format_args!("cannot inspect container {id}"),
+            err,
+            SandboxError::Launch,
+        )
+    })?;
     let ports = inspect
         .network_settings
         .and_then(|settings| settings.ports)
@@ -705,7 +871,11 @@ impl KernelProcess for DockerKernel {
                 }),
             )
             .await
-            .map_err(|err| control("interrupt", format!("cannot signal the container: {err}")))
+            .map_err(|err| {
+                engine_error("cannot signal the container", err, |r| {
+                    control("interrupt", r)
+                })
+            })
     }
 
     async fn restart(&self) -> Result<(), SandboxError> {
@@ -764,6 +934,61 @@ impl KernelProcess for DockerKernel {
         run.shut_down = true;
         Ok(())
     }
+
+    async fn persisted(&self) -> Option<PersistedKernel> {
+        let run = self.run.lock().await;
+        if run.shut_down {
+            return None;
+        }
+        let connection_file = match &self.connection_file {
+            Some(bytes) => match String::from_utf8(bytes.clone()) {
+                Ok(text) => Some(text),
+                Err(err) => {
+                    tracing::warn!(%err, "the connection file is not UTF-8: cannot persist it");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let details = Details {
+            container_id: run.container_id.clone(),
+            keeper_id: self.keeper_id.clone(),
+            volume: self.volume.clone(),
+            connection_file,
+            body: self.body.clone(),
+        };
+        match serde_json::to_value(&details) {
+            Ok(details) => Some(PersistedKernel {
+                backend: BACKEND.to_owned(),
+                session_id: self.session_id.clone(),
+                connection: self.connection.clone(),
+                details,
+            }),
+            Err(err) => {
+                tracing::warn!(%err, "cannot encode the kernel's containers for the store");
+                None
+            }
+        }
+    }
+
+    /// Stops watching the container and forgets it: it keeps running, with its keeper, volume
+    /// and session directory, for the next server process to adopt.
+    async fn detach(&self) -> Result<(), SandboxError> {
+        let mut run = self.run.lock().await;
+        if run.shut_down {
+            return Ok(());
+        }
+        self.state.send_modify(|state| {
+            state.generation += 1;
+            state.exit = Some(ExitReason::Vanished("detached from the server".to_owned()));
+        });
+        if let Some(watcher) = run.watcher.take() {
+            watcher.abort();
+        }
+        // From here on this handle is done with the container: Drop leaves it alone.
+        run.shut_down = true;
+        Ok(())
+    }
 }
 
 impl DockerKernel {
@@ -800,9 +1025,10 @@ impl DockerKernel {
                 run.container_id = id.clone();
                 start(docker, &id).await
             }
-            Err(err) => Err(control(
-                "restart",
-                format!("cannot restart container {}: {err}", run.container_id),
+            Err(err) => Err(engine_error(
+                format_args!("cannot restart container {}", run.container_id),
+                err,
+                |r| control("restart", r),
             )),
         }
     }
@@ -817,7 +1043,7 @@ impl Drop for DockerKernel {
         if run.shut_down {
             return;
         }
-        // Dropped without shutdown: remove what we can in the background.
+        // Dropped without (a successful) shutdown: remove it in the background.
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -826,14 +1052,45 @@ impl Drop for DockerKernel {
         containers.extend(self.keeper_id.clone());
         let volume = self.volume.clone();
         let dirs = self.dirs.clone();
-        handle.spawn(async move {
-            for id in containers {
-                let _ = remove_container(&docker, &id).await;
+        handle.spawn(remove_when_possible(docker, containers, volume, dirs));
+    }
+}
+
+/// How long a dropped kernel's removal is retried while the engine is unreachable.
+const REMOVAL_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Removes a kernel's containers, volume and directories, retrying while the engine is
+/// unreachable: a session closed meanwhile has its containers removed once the engine is back.
+/// Whatever is still there when the server stops, the next start's housekeeping removes.
+async fn remove_when_possible(
+    docker: Docker,
+    containers: Vec<String>,
+    volume: Option<String>,
+    dirs: SessionDirs,
+) {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut result = Ok(());
+        for id in &containers {
+            result = result.and(remove_container(&docker, id).await);
+        }
+        if let Some(volume) = &volume {
+            result = result.and(remove_volume(&docker, volume).await);
+        }
+        match result {
+            Ok(()) => break,
+            Err(SandboxError::Unreachable { .. }) if started.elapsed() < REMOVAL_RETRY_FOR => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-            if let Some(volume) = volume {
-                let _ = remove_volume(&docker, &volume).await;
+            Err(err) => {
+                tracing::warn!(%err, ?containers, "cannot remove a closed kernel's containers; the next start's housekeeping will");
+                break;
             }
-            let _ = dirs.remove();
-        });
+        }
+    }
+    if let Err(err) = dirs.remove() {
+        tracing::debug!(%err, "cannot remove a closed kernel's directories");
     }
 }

@@ -11,7 +11,8 @@ mod container;
 mod image;
 mod state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -24,7 +25,7 @@ pub use config::{DockerConfig, KernelTransport, WorkDirStorage};
 pub use container::DockerKernel;
 pub use image::{IMAGE_REPOSITORY, ImageError, build_image, default_image_tag, image_exists};
 
-use super::{KernelProcess, LaunchSpec, Sandbox, SandboxError};
+use super::{KernelProcess, LaunchSpec, PersistedKernel, Sandbox, SandboxError};
 
 /// Label on every container and volume kernelbox creates, so operators can find them all.
 pub const LABEL_MANAGED: &str = "kernelbox.managed";
@@ -32,6 +33,11 @@ pub const LABEL_MANAGED: &str = "kernelbox.managed";
 pub const LABEL_INSTANCE: &str = "kernelbox.instance";
 /// Label naming the session a container belongs to.
 pub const LABEL_SESSION: &str = "kernelbox.session";
+/// This backend's [`Sandbox::name`], also recorded in the kernels it persists.
+const BACKEND: &str = "docker";
+/// What [`SandboxError::Unreachable`] calls the engine.
+const ENGINE: &str = "the Docker engine";
+
 /// Label telling a session's kernel container (`kernel`) from its working-dir keeper (`keeper`).
 pub const LABEL_ROLE: &str = "kernelbox.role";
 
@@ -113,6 +119,15 @@ impl DockerSandbox {
     pub async fn launch_kernel(&self, spec: &LaunchSpec) -> Result<DockerKernel, SandboxError> {
         container::launch(self.shared.clone(), spec).await
     }
+
+    /// Takes over a kernel container a previous server process left running and returns it as
+    /// the concrete type; [`Sandbox::adopt`] boxes this.
+    pub async fn adopt_kernel(
+        &self,
+        kernel: &PersistedKernel,
+    ) -> Result<DockerKernel, SandboxError> {
+        container::adopt(self.shared.clone(), kernel).await
+    }
 }
 
 /// Connects to the engine (`host`, else `DOCKER_HOST`, else the local socket), agrees on an API
@@ -144,16 +159,24 @@ async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
 #[async_trait]
 impl Sandbox for DockerSandbox {
     fn name(&self) -> &'static str {
-        "docker"
+        BACKEND
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {
         Ok(Box::new(self.launch_kernel(spec).await?))
     }
 
+    async fn adopt(
+        &self,
+        kernel: &PersistedKernel,
+    ) -> Result<Box<dyn KernelProcess>, SandboxError> {
+        Ok(Box::new(self.adopt_kernel(kernel).await?))
+    }
+
     /// Removes every container and volume labelled with this instance's id, and the session
-    /// directories. Returns how many kernel containers were removed.
-    async fn cleanup(&self) -> Result<usize, SandboxError> {
+    /// directories, except those of the sessions in `keep`. Returns how many kernel containers
+    /// were removed.
+    async fn cleanup_except(&self, keep: &HashSet<String>) -> Result<usize, SandboxError> {
         let shared = &self.shared;
         let filters = HashMap::from([(
             "label".to_owned(),
@@ -167,10 +190,20 @@ impl Sandbox for DockerSandbox {
                 ..Default::default()
             }))
             .await
-            .map_err(|err| control("clean up", format!("cannot list containers: {err}")))?;
+            .map_err(|err| {
+                engine_error("cannot list containers", err, |r| control("clean up", r))
+            })?;
+        let kept = |labels: Option<&HashMap<String, String>>| {
+            labels
+                .and_then(|labels| labels.get(LABEL_SESSION))
+                .is_some_and(|session| keep.contains(session))
+        };
         let mut kernels = 0;
         for summary in containers {
             let Some(id) = summary.id else { continue };
+            if kept(summary.labels.as_ref()) {
+                continue;
+            }
             remove_container(&shared.docker, &id).await?;
             let is_kernel = summary
                 .labels
@@ -187,11 +220,13 @@ impl Sandbox for DockerSandbox {
                 filters: Some(filters),
             }))
             .await
-            .map_err(|err| control("clean up", format!("cannot list volumes: {err}")))?;
+            .map_err(|err| engine_error("cannot list volumes", err, |r| control("clean up", r)))?;
         for volume in volumes.volumes.unwrap_or_default() {
-            remove_volume(&shared.docker, &volume.name).await?;
+            if !kept(Some(&volume.labels)) {
+                remove_volume(&shared.docker, &volume.name).await?;
+            }
         }
-        shared.state.remove_all_sessions()?;
+        shared.state.remove_sessions_except(keep)?;
         Ok(kernels)
     }
 }
@@ -199,6 +234,48 @@ impl Sandbox for DockerSandbox {
 /// A [`SandboxError::Control`] for `op`.
 fn control(op: &'static str, reason: String) -> SandboxError {
     SandboxError::Control { op, reason }
+}
+
+/// Whether an engine error means that the engine could not be reached or did not answer (as
+/// opposed to an answer refusing the request).
+fn is_unreachable(err: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        err,
+        E::IOError { .. }
+            | E::HyperLegacyError { .. }
+            | E::HyperResponseError { .. }
+            | E::RequestTimeoutError
+            | E::SocketNotFoundError(_)
+    )
+}
+
+/// An engine error with `context`: [`SandboxError::Unreachable`] when the engine did not answer
+/// (with the error's causes, which say why: "No such file or directory", "Connection refused"),
+/// else what `other` makes of the message.
+fn engine_error(
+    context: impl fmt::Display,
+    err: bollard::errors::Error,
+    other: impl FnOnce(String) -> SandboxError,
+) -> SandboxError {
+    if is_unreachable(&err) {
+        let mut reason = format!("{context}: {err}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !reason.ends_with(&text) {
+                reason.push_str(": ");
+                reason.push_str(&text);
+            }
+            source = cause.source();
+        }
+        SandboxError::Unreachable {
+            what: ENGINE,
+            reason,
+        }
+    } else {
+        other(format!("{context}: {err}"))
+    }
 }
 
 /// Whether an engine error means "no such object".
@@ -227,9 +304,10 @@ async fn remove_container(docker: &Docker, id: &str) -> Result<(), SandboxError>
     {
         Ok(()) => Ok(()),
         Err(err) if is_not_found(&err) => Ok(()),
-        Err(err) => Err(control(
-            "shut down",
-            format!("cannot remove container {id}: {err}"),
+        Err(err) => Err(engine_error(
+            format_args!("cannot remove container {id}"),
+            err,
+            |r| control("shut down", r),
         )),
     }
 }
@@ -242,9 +320,10 @@ async fn remove_volume(docker: &Docker, name: &str) -> Result<(), SandboxError> 
     {
         Ok(()) => Ok(()),
         Err(err) if is_not_found(&err) => Ok(()),
-        Err(err) => Err(control(
-            "shut down",
-            format!("cannot remove volume {name}: {err}"),
+        Err(err) => Err(engine_error(
+            format_args!("cannot remove volume {name}"),
+            err,
+            |r| control("shut down", r),
         )),
     }
 }

@@ -74,8 +74,14 @@ impl StateDir {
         }
     }
 
-    /// Removes every session directory (cleanup at server start and stop).
-    pub(super) fn remove_all_sessions(&self) -> Result<(), SandboxError> {
+    /// Removes every session directory but those of the sessions in `keep` (cleanup at server
+    /// start and stop).
+    pub(super) fn remove_sessions_except(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<(), SandboxError> {
+        let kept: std::collections::HashSet<std::ffi::OsString> =
+            keep.iter().map(|id| dir_name(id).into()).collect();
         let sessions = self.root.join("sessions");
         let entries = match fs::read_dir(&sessions) {
             Ok(entries) => entries,
@@ -84,7 +90,9 @@ impl StateDir {
         };
         for entry in entries {
             let entry = entry.map_err(io_error(format!("cannot list {}", sessions.display())))?;
-            remove_dir_if_present(&entry.path())?;
+            if !kept.contains(&entry.file_name()) {
+                remove_dir_if_present(&entry.path())?;
+            }
         }
         Ok(())
     }

@@ -129,6 +129,7 @@ impl LocalKernel {
             .stderr(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);
+        die_with_the_server(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| {
             SandboxError::Launch(format!("spawning {}: {e}", self.python.display()))
         })?;
@@ -161,6 +162,27 @@ impl LocalKernel {
             let _ = killpg(pgid, Signal::SIGKILL);
             let _ = exit.wait_for(Option::is_some).await;
         }
+    }
+}
+
+/// Makes the kernel get SIGKILL when the server dies, even when it is killed outright (SIGKILL,
+/// a crash): in its own process group it would otherwise live on as an orphan, and no later
+/// server adopts local kernels. (Linux delivers the signal when the *thread* that spawned the
+/// child exits; kernels are spawned from the runtime's worker threads, which live as long as the
+/// server.)
+fn die_with_the_server(cmd: &mut Command) {
+    let server = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid); it allocates nothing on success.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The server may have died between the fork and the prctl.
+            if nix::unistd::getppid() != server {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            Ok(())
+        });
     }
 }
 
