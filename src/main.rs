@@ -113,6 +113,10 @@ struct ServeArgs {
     /// Bytes (MiB) of events each session keeps for clients that reconnect and resume.
     #[arg(long, env = "KERNELBOX_REPLAY_MB", default_value_t = 8)]
     replay_mb: usize,
+    /// Largest file upload accepted (`PUT /v1/sessions/{id}/files/{path}`), in MiB; `413`
+    /// beyond.
+    #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
+    max_upload_mb: u64,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -281,7 +285,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         "kernelbox: serving on http://{addr}/ ({} backend)",
         sessions.backend()
     );
-    let state = AppState::new(sessions.clone(), token).with_kernelspecs(kernelspecs);
+    let state = AppState::new(sessions.clone(), token)
+        .with_kernelspecs(kernelspecs)
+        .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20));
     let result = api::serve(listener, state, shutdown_signal()).await;
     tracing::info!("shutting down: closing every session");
     sessions.shutdown().await;

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod files;
 pub mod jupyter;
 pub mod native;
 pub mod sessions;
@@ -37,6 +38,8 @@ pub struct AppState {
     /// The last event each Jupyter client (kernel id, client session id) received, so a
     /// reconnect resumes where it left off.
     pub jupyter_cursors: Arc<DashMap<(String, String), u64>>,
+    /// Largest file upload accepted, in bytes (`413` beyond).
+    pub max_upload_bytes: u64,
 }
 
 impl AppState {
@@ -47,7 +50,14 @@ impl AppState {
             token,
             kernelspecs: Arc::new(KernelSpecs::default()),
             jupyter_cursors: Arc::new(DashMap::new()),
+            max_upload_bytes: files::DEFAULT_MAX_UPLOAD_BYTES,
         }
+    }
+
+    /// The same state with another upload limit (bytes).
+    pub fn with_max_upload_bytes(mut self, bytes: u64) -> Self {
+        self.max_upload_bytes = bytes;
+        self
     }
 
     /// The same state with another kernelspec table.
@@ -91,6 +101,13 @@ pub fn router(state: AppState) -> Router {
             get(sessions::get).delete(sessions::delete),
         )
         .route("/sessions/{id}/ws", get(native::upgrade))
+        .route("/sessions/{id}/files", get(files::list))
+        .route(
+            "/sessions/{id}/files/{*path}",
+            get(files::download)
+                .put(files::upload)
+                .delete(files::delete),
+        )
         .route_layer(from_fn_with_state(state.clone(), auth::require_token));
     let jupyter =
         jupyter::routes().route_layer(from_fn_with_state(state.clone(), auth::require_token));

@@ -3,14 +3,17 @@
 //! WebSockets or sessions' clients: it starts, watches, signals and stops kernel processes.
 
 pub mod docker;
+pub mod files;
 pub mod local;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::kernel::ConnectionInfo;
+pub use files::{FileEntry, FilesError, SessionFiles, WorkPath};
 
 /// Why a kernel is no longer running, as clients are told it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,4 +151,16 @@ pub trait KernelProcess: Send + Sync + 'static {
     /// Stops the kernel and removes everything it had (process, container, directories).
     /// Idempotent.
     async fn shutdown(&self) -> Result<(), SandboxError>;
+
+    /// Access to the kernel's working directory, usable whatever state the kernel is in;
+    /// `None` when the backend offers none.
+    fn files(&self) -> Option<Arc<dyn SessionFiles>> {
+        None
+    }
+
+    /// The kernel's working directory as the kernel itself sees it (its initial current
+    /// directory), for code that runs inside the kernel; `None` when unknown.
+    fn kernel_work_dir(&self) -> Option<String> {
+        None
+    }
 }

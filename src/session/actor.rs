@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::changed_files::{self, ChangedFile};
 use super::events::{EventKind, KernelState, SessionEvent};
 use super::fanout::Fanout;
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
@@ -30,6 +31,8 @@ struct Running {
     reply: Option<(String, Option<i64>)>,
     idle: bool,
     timed_out: bool,
+    /// Files under `output/` the cell created or changed (from the execute_reply).
+    files: Option<Vec<ChangedFile>>,
 }
 
 /// A connection attempt in flight.
@@ -58,6 +61,9 @@ pub(crate) struct Actor {
     interrupt_deadline: Option<Instant>,
     /// Client-built messages waiting for the kernel to be ready.
     forwards: VecDeque<(Channel, Message, Arc<str>)>,
+    /// The `user_expressions` entry listing changed files (when the kernel's working dir is
+    /// known).
+    files_expression: Option<String>,
 }
 
 impl Actor {
@@ -70,7 +76,12 @@ impl Actor {
         fanout: Arc<Fanout>,
         status: Arc<Mutex<Status>>,
     ) -> Self {
+        let files_expression = kernel
+            .process
+            .kernel_work_dir()
+            .map(|dir| changed_files::user_expression(&dir));
         let mut actor = Self {
+            files_expression,
             id,
             opts,
             commands,
@@ -183,11 +194,15 @@ impl Actor {
             self.queue.push_front(request);
             return Ok(());
         };
+        let user_expressions = match &self.files_expression {
+            Some(expr) => json!({ changed_files::USER_EXPRESSION: expr }),
+            None => json!({}),
+        };
         let content = json!({
             "code": request.code,
             "silent": request.silent,
             "store_history": request.store_history,
-            "user_expressions": {},
+            "user_expressions": user_expressions,
             "allow_stdin": request.allow_stdin,
             "stop_on_error": true,
         });
@@ -206,6 +221,7 @@ impl Actor {
                     reply: None,
                     idle: false,
                     timed_out: false,
+                    files: None,
                 });
                 self.set_state(KernelState::Busy, None);
                 Ok(())
@@ -217,6 +233,7 @@ impl Actor {
                         status: "aborted",
                         execution_count: None,
                         duration_ms: 0,
+                        files: None,
                     },
                 );
                 Err(e)
@@ -423,8 +440,10 @@ impl Actor {
                     .and_then(Value::as_str)
                     .unwrap_or("error");
                 let count = msg.content.get("execution_count").and_then(Value::as_i64);
+                let files = changed_files::from_reply(&msg.content);
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
+                    r.files = files;
                 }
             }
             (Channel::IoPub, "status") if running => {
@@ -471,6 +490,7 @@ impl Actor {
                 status,
                 execution_count: count,
                 duration_ms: millis(r.started.elapsed()),
+                files: r.files,
             },
         );
         self.set_state(KernelState::Idle, None);
@@ -528,6 +548,7 @@ impl Actor {
                     status,
                     execution_count: None,
                     duration_ms,
+                    files: None,
                 },
             );
         }
@@ -538,6 +559,7 @@ impl Actor {
                     status,
                     execution_count: None,
                     duration_ms: 0,
+                    files: None,
                 },
             );
         }
@@ -573,6 +595,7 @@ impl Actor {
             status: "rejected",
             execution_count: None,
             duration_ms: 0,
+            files: None,
         };
         self.emit(Some(cell), done);
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::changed_files::ChangedFile;
 use crate::kernel::{Channel, Message};
 
 /// Lifecycle states of a session's kernel.
@@ -75,6 +76,9 @@ pub enum EventKind {
         execution_count: Option<i64>,
         /// Wall time from sending the cell to its completion.
         duration_ms: u64,
+        /// Files under `output/` the cell created or changed (`None`: not known, e.g. the cell
+        /// failed or the kernel is not Python).
+        files: Option<Vec<ChangedFile>>,
     },
     /// The kernel's lifecycle changed.
     State {

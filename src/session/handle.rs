@@ -10,6 +10,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::events::{KernelState, SessionEvent};
 use super::fanout::{Fanout, Subscription};
 use crate::kernel::{Channel, Message};
+use crate::sandbox::files::{
+    ByteStream, Download, FileEntry, FilesError, Listing, SessionFiles, WorkPath,
+};
 
 /// A cell to run.
 #[derive(Debug, Clone)]
@@ -77,6 +80,9 @@ pub enum SessionError {
     /// The server's session limit is reached.
     #[error("{0}")]
     Limit(String),
+    /// A file operation failed.
+    #[error(transparent)]
+    Files(#[from] crate::sandbox::FilesError),
 }
 
 /// A point-in-time view of a session, for listings.
@@ -120,9 +126,44 @@ pub struct Session {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) fanout: Arc<Fanout>,
     pub(crate) status: Arc<Mutex<Status>>,
+    /// The working directory's files, when the sandbox offers access.
+    pub(crate) files: Option<Arc<dyn SessionFiles>>,
 }
 
 impl Session {
+    fn files(&self) -> Result<&Arc<dyn SessionFiles>, SessionError> {
+        self.files
+            .as_ref()
+            .ok_or(SessionError::Files(FilesError::Unsupported))
+    }
+
+    /// The entries of directory `dir` of the session's working directory (usable whatever the
+    /// kernel is doing).
+    pub async fn list_files(&self, dir: &WorkPath) -> Result<Listing, SessionError> {
+        Ok(self.files()?.list(dir).await?)
+    }
+
+    /// Opens file `path` of the working directory for download.
+    pub async fn read_file(&self, path: &WorkPath) -> Result<Download, SessionError> {
+        Ok(self.files()?.read(path).await?)
+    }
+
+    /// Creates or replaces file `path` of the working directory with `body` (at most `limit`
+    /// bytes).
+    pub async fn write_file(
+        &self,
+        path: &WorkPath,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<FileEntry, SessionError> {
+        Ok(self.files()?.write(path, body, limit).await?)
+    }
+
+    /// Removes file or directory `path` of the working directory.
+    pub async fn delete_file(&self, path: &WorkPath) -> Result<(), SessionError> {
+        Ok(self.files()?.delete(path).await?)
+    }
+
     /// The session id.
     pub fn id(&self) -> &str {
         &self.id

@@ -112,6 +112,7 @@ impl SessionManager {
             queued: 0,
         }));
         let session = Arc::new(Session {
+            files: kernel.process.files(),
             id: id.clone(),
             created: now,
             kernel_name,

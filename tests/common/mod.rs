@@ -74,14 +74,25 @@ impl TestServer {
         options: SessionOptions,
         kernelspecs: KernelSpecs,
     ) -> Self {
+        Self::start_configured(sandbox, options, |state| {
+            state.with_kernelspecs(kernelspecs)
+        })
+        .await
+    }
+
+    /// A server on `sandbox` whose application state `configure` adjusts (limits, kernelspecs).
+    pub async fn start_configured(
+        sandbox: Arc<dyn Sandbox>,
+        options: SessionOptions,
+        configure: impl FnOnce(AppState) -> AppState,
+    ) -> Self {
         let sessions = SessionManager::new(sandbox, options);
         let token = format!("test-{}", uuid::Uuid::new_v4().simple());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let state =
-            AppState::new(sessions.clone(), Token::new(&token)).with_kernelspecs(kernelspecs);
+        let state = configure(AppState::new(sessions.clone(), Token::new(&token)));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = api::serve(listener, state, async move {

@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::session::KernelState;
+use crate::session::{ChangedFile, KernelState};
 
 /// A message from a client to the server.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -171,6 +171,11 @@ pub enum ServerEvent<'a> {
         execution_count: Option<i64>,
         /// Time from start to finish.
         duration_ms: u64,
+        /// Files under `output/` (in the working directory) the cell created or changed, when
+        /// known (cells that succeed, Python kernels); fetch them with
+        /// `GET /v1/sessions/{id}/files/{path}`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        files: Option<&'a [ChangedFile]>,
     },
     /// The session's kernel changed state.
     Kernel {

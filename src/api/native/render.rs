@@ -28,7 +28,9 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             status,
             execution_count,
             duration_ms,
+            files,
         } => ServerEvent::Done {
+            files: files.as_deref(),
             status,
             execution_count: *execution_count,
             duration_ms: *duration_ms,

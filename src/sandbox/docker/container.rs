@@ -26,6 +26,7 @@ use super::{
 };
 use crate::kernel::ConnectionInfo;
 use crate::kernel::connection::Transport;
+use crate::sandbox::files::{HostFiles, SessionFiles};
 use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, SandboxError};
 
 /// `kernelbox.role` of kernel containers.
@@ -74,6 +75,8 @@ pub struct DockerKernel {
     body: ContainerCreateBody,
     keeper_id: Option<String>,
     volume: Option<String>,
+    /// The working dir's files (through the keeper, or the host dir).
+    files: Arc<dyn SessionFiles>,
     state: Arc<watch::Sender<RunState>>,
     run: Mutex<Run>,
 }
@@ -353,6 +356,15 @@ async fn launch_inner(
         exit: None,
     }));
     let watcher = spawn_watcher(docker.clone(), id.clone(), 0, state.clone());
+    let files = match &keeper_id {
+        Some(keeper) => {
+            super::files::keeper_files(docker.clone(), keeper.clone(), config.uid, config.gid)
+        }
+        None => Arc::new(HostFiles::new(
+            dirs.work.clone(),
+            Some((config.uid, config.gid)),
+        )),
+    };
     Ok(DockerKernel {
         shared: shared.clone(),
         session_id: spec.session_id.clone(),
@@ -362,6 +374,7 @@ async fn launch_inner(
         body,
         keeper_id,
         volume,
+        files,
         state,
         run: Mutex::new(Run {
             container_id: id,
@@ -455,8 +468,9 @@ fn kernel_body(
     }
 }
 
-/// The keeper: an idle `sleep` holding the working-dir volume mounted (read-only), as locked
-/// down as the kernel and tiny.
+/// The keeper: an idle `sleep` holding the working-dir volume mounted, as locked down as the
+/// kernel and tiny. The files API works on the volume through it (archive API, short execs),
+/// so the mount is writable and a few processes are allowed besides tini and sleep.
 fn keeper_body(
     shared: &Shared,
     volume: &str,
@@ -477,16 +491,15 @@ fn keeper_body(
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
             readonly_rootfs: Some(true),
             mounts: Some(vec![Mount {
-                target: Some("/keep".to_owned()),
+                target: Some(super::files::KEEP_DIR.to_owned()),
                 source: Some(volume.to_owned()),
                 typ: Some(MountType::VOLUME),
-                read_only: Some(true),
                 ..Default::default()
             }]),
             memory: Some(KEEPER_MEMORY),
             memory_swap: Some(KEEPER_MEMORY),
             nano_cpus: Some(50_000_000),
-            pids_limit: Some(8),
+            pids_limit: Some(32),
             init: Some(false),
             log_config: Some(small_log()),
             ..Default::default()
@@ -738,6 +751,14 @@ impl KernelProcess for DockerKernel {
             }
         }
         result
+    }
+
+    fn files(&self) -> Option<Arc<dyn SessionFiles>> {
+        Some(self.files.clone())
+    }
+
+    fn kernel_work_dir(&self) -> Option<String> {
+        Some(CONTAINER_WORK_DIR.to_owned())
     }
 
     async fn shutdown(&self) -> Result<(), SandboxError> {

@@ -8,6 +8,7 @@
 
 mod config;
 mod container;
+mod files;
 mod image;
 mod state;
 

@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::files::{HostFiles, SessionFiles};
 use super::{CONNECTION_FILE_ARG, ExitReason, KernelProcess, LaunchSpec, Sandbox, SandboxError};
 use crate::kernel::ConnectionInfo;
 
@@ -207,6 +208,14 @@ impl KernelProcess for LocalKernel {
         // Stale socket files would make the new kernel's bind fail.
         remove_sockets(&self.info).await;
         self.start()
+    }
+
+    fn files(&self) -> Option<std::sync::Arc<dyn SessionFiles>> {
+        Some(std::sync::Arc::new(HostFiles::new(self.work.clone(), None)))
+    }
+
+    fn kernel_work_dir(&self) -> Option<String> {
+        Some(self.work.to_string_lossy().into_owned())
     }
 
     async fn shutdown(&self) -> Result<(), SandboxError> {
