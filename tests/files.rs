@@ -281,6 +281,12 @@ async fn traversal_is_rejected(server: &TestServer) {
         .run("import os; print(os.path.lexists('etc_link'), os.path.exists('/etc/passwd'))")
         .await;
     assert_eq!(cell.stdout(), "False True\n");
+    // Special files are not served (a FIFO would block a reader forever).
+    let cell = ws.run("import os; os.mkfifo('pipe')").await;
+    assert_eq!(cell.status(), "ok", "{:?}", cell.events);
+    let (status, body) = raw(server, "GET", &format!("{base}/pipe"), b"").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a regular file"), "{body}");
     // A symlink staying inside is followed.
     assert_eq!(
         put(server, &id, "real/f.txt", b"inside".to_vec()).await.0,

@@ -390,6 +390,19 @@ impl SessionFiles for HostFiles {
             let path = path.clone();
             blocking(move || this.resolve(&path, true)).await?
         };
+        // Check before opening: opening a FIFO the kernel made would wait for a writer.
+        let meta = tokio::fs::metadata(&host)
+            .await
+            .map_err(|e| Self::io("read", path, e))?;
+        if meta.is_dir() {
+            return Err(FilesError::IsADirectory(path.to_string()));
+        }
+        if !meta.is_file() {
+            return Err(FilesError::InvalidPath {
+                path: path.to_string(),
+                reason: "it is not a regular file",
+            });
+        }
         let file = tokio::fs::File::open(&host)
             .await
             .map_err(|e| Self::io("read", path, e))?;
@@ -397,9 +410,6 @@ impl SessionFiles for HostFiles {
             .metadata()
             .await
             .map_err(|e| Self::io("read", path, e))?;
-        if meta.is_dir() {
-            return Err(FilesError::IsADirectory(path.to_string()));
-        }
         Ok(Download {
             size: meta.len(),
             body: tokio_util::io::ReaderStream::new(file).boxed(),

@@ -278,7 +278,10 @@ impl SessionFiles for KeeperFiles {
             return Err(FilesError::IsADirectory(path.to_string()));
         }
         if !kind.is_file() {
-            return Err(FilesError::NotFound(path.to_string()));
+            return Err(FilesError::InvalidPath {
+                path: path.to_string(),
+                reason: "it is not a regular file",
+            });
         }
         let size = header
             .entry_size()
