@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kernelbox::api::{self, AppState, KernelSpecs, Token};
 use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
-use kernelbox::sandbox::{Sandbox, SandboxError};
+use kernelbox::sandbox::{PackagePolicy, Sandbox, SandboxError};
 use kernelbox::session::{ReplayLimits, SessionManager, SessionOptions};
 
 /// A server that gives every client session its own sandboxed Jupyter kernel.
@@ -113,6 +113,21 @@ struct ServeArgs {
     /// Bytes (MiB) of events each session keeps for clients that reconnect and resume.
     #[arg(long, env = "KERNELBOX_REPLAY_MB", default_value_t = 8)]
     replay_mb: usize,
+    /// Let sessions install Python packages (`"packages"` at creation, `install` messages,
+    /// `POST /v1/sessions/{id}/packages`); refused otherwise. On Docker, pip runs in a
+    /// short-lived installer container with network access; the kernel never gets any.
+    #[arg(long, env = "KERNELBOX_ALLOW_PACKAGE_INSTALLS")]
+    allow_package_installs: bool,
+    /// Package index for installs (pip's --index-url: a mirror or proxy); default PyPI.
+    #[arg(long, env = "KERNELBOX_PACKAGE_INDEX_URL")]
+    package_index_url: Option<String>,
+    /// A CA bundle pip should trust for installs (e.g. behind a TLS-intercepting proxy);
+    /// mounted read-only into the installer only.
+    #[arg(long, env = "KERNELBOX_PACKAGE_CA_BUNDLE")]
+    package_ca_bundle: Option<PathBuf>,
+    /// The Docker network installer containers join.
+    #[arg(long, env = "KERNELBOX_PACKAGE_NETWORK", default_value = "bridge")]
+    package_network: String,
     /// Largest file upload accepted (`PUT /v1/sessions/{id}/files/{path}`), in MiB; `413`
     /// beyond.
     #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
@@ -197,15 +212,19 @@ fn init_logging(json: bool) {
     }
 }
 
-async fn local_sandbox(python: Option<PathBuf>) -> Result<Arc<dyn Sandbox>, String> {
+async fn local_sandbox(
+    python: Option<PathBuf>,
+    packages: PackagePolicy,
+) -> Result<Arc<dyn Sandbox>, String> {
     let python = match python {
         Some(p) => p,
         None => venv::ensure(std::path::Path::new("python3"))
             .await
             .map_err(|e| e.to_string())?,
     };
-    let sandbox =
-        LocalSandbox::new(python, kernelbox::config::state_dir()).map_err(|e| e.to_string())?;
+    let sandbox = LocalSandbox::new(python, kernelbox::config::state_dir())
+        .map_err(|e| e.to_string())?
+        .with_packages(packages);
     Ok(Arc::new(sandbox))
 }
 
@@ -218,13 +237,24 @@ fn docker_config(args: &ServeArgs) -> DockerConfig {
     config.cpus = args.cpus;
     config.pids_limit = args.pids_limit;
     config.allow_network_requests = args.allow_network;
+    config.packages = package_policy(args);
     config
+}
+
+fn package_policy(args: &ServeArgs) -> PackagePolicy {
+    PackagePolicy {
+        allow: args.allow_package_installs,
+        index_url: args.package_index_url.clone(),
+        ca_bundle: args.package_ca_bundle.clone(),
+        network: args.package_network.clone(),
+        ..PackagePolicy::default()
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_json);
     let sandbox: Arc<dyn Sandbox> = match args.backend {
-        Backend::Local => local_sandbox(args.python.clone()).await?,
+        Backend::Local => local_sandbox(args.python.clone(), package_policy(&args)).await?,
         Backend::Docker => Arc::new(
             DockerSandbox::new(docker_config(&args))
                 .await
@@ -244,7 +274,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no Docker engine: using the local backend (kernels are NOT isolated)");
-                local_sandbox(args.python.clone()).await?
+                local_sandbox(args.python.clone(), package_policy(&args)).await?
             }
         },
     };

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::sandbox::SandboxError;
+use crate::sandbox::{InstallError, SandboxError};
 use crate::session::{FilesError, SessionError};
 
 /// A failed request: the status to answer with and a message that says what was wrong.
@@ -72,6 +72,11 @@ impl From<SessionError> for AppError {
                 FilesError::Unsupported => StatusCode::NOT_IMPLEMENTED,
                 FilesError::Backend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
+            SessionError::Install(InstallError::Disabled) => StatusCode::FORBIDDEN,
+            SessionError::Install(InstallError::InvalidPackage(_) | InstallError::Count(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            SessionError::Install(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self {
             status,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::middleware::from_fn_with_state;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
             get(sessions::get).delete(sessions::delete),
         )
         .route("/sessions/{id}/ws", get(native::upgrade))
+        .route("/sessions/{id}/packages", post(sessions::install))
         .route("/sessions/{id}/files", get(files::list))
         .route(
             "/sessions/{id}/files/{*path}",

@@ -5,6 +5,7 @@
 pub mod docker;
 pub mod files;
 pub mod local;
+pub mod packages;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 
 use crate::kernel::ConnectionInfo;
 pub use files::{FileEntry, FilesError, SessionFiles, WorkPath};
+pub use packages::{InstallError, PackageInstaller, PackagePolicy};
 
 /// Why a kernel is no longer running, as clients are told it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +128,11 @@ pub trait Sandbox: Send + Sync + 'static {
     /// started (not necessarily listening yet: the kernel client proves readiness).
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError>;
 
+    /// Whether the operator lets sessions install packages (see [`PackagePolicy`]).
+    fn installs_packages(&self) -> bool {
+        false
+    }
+
     /// Removes whatever this server instance left behind (called at start and at shutdown).
     async fn cleanup(&self) -> Result<usize, SandboxError> {
         Ok(0)
@@ -161,6 +168,11 @@ pub trait KernelProcess: Send + Sync + 'static {
     /// The kernel's working directory as the kernel itself sees it (its initial current
     /// directory), for code that runs inside the kernel; `None` when unknown.
     fn kernel_work_dir(&self) -> Option<String> {
+        None
+    }
+
+    /// Installs packages into this kernel's own environment; `None` when the backend cannot.
+    fn packages(&self) -> Option<Arc<dyn PackageInstaller>> {
         None
     }
 }

@@ -87,9 +87,36 @@ pub enum EventKind {
         /// Why, for `dead` (e.g. "out of memory") and failures.
         reason: Option<String>,
     },
+    /// Progress of a package install (the event's id is the install's).
+    Install(InstallEvent),
     /// A request could not be carried out (e.g. the kernel is dead, the queue is full).
     Rejected {
         /// What was wrong, for the client.
         message: String,
+    },
+}
+
+/// The phases of a package install.
+#[derive(Debug, Clone)]
+pub enum InstallEvent {
+    /// pip started for these packages.
+    Started {
+        /// The requirements being installed.
+        packages: Vec<String>,
+    },
+    /// One line of pip's output (stdout and stderr).
+    Output {
+        /// The line, without its newline.
+        line: String,
+    },
+    /// The install failed (sent just before its `Done`), with what went wrong.
+    Failed {
+        /// pip's error lines, or why pip could not run.
+        message: String,
+    },
+    /// The install finished: successfully when `error` is `None`.
+    Done {
+        /// What went wrong (pip's own error lines when pip failed).
+        error: Option<String>,
     },
 }

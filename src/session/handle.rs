@@ -59,6 +59,11 @@ pub(crate) enum Command {
         msg: Box<Message>,
         origin: Arc<str>,
     },
+    Install {
+        id: Arc<str>,
+        packages: Vec<String>,
+        blocking: bool,
+    },
     Close(oneshot::Sender<()>),
 }
 
@@ -83,6 +88,9 @@ pub enum SessionError {
     /// A file operation failed.
     #[error(transparent)]
     Files(#[from] crate::sandbox::FilesError),
+    /// A package install was refused.
+    #[error(transparent)]
+    Install(#[from] crate::sandbox::InstallError),
 }
 
 /// A point-in-time view of a session, for listings.
@@ -128,6 +136,8 @@ pub struct Session {
     pub(crate) status: Arc<Mutex<Status>>,
     /// The working directory's files, when the sandbox offers access.
     pub(crate) files: Option<Arc<dyn SessionFiles>>,
+    /// Whether the operator lets sessions install packages.
+    pub(crate) installs_allowed: bool,
 }
 
 impl Session {
@@ -237,6 +247,41 @@ impl Session {
     /// Asks the kernel for documentation of the object at the cursor.
     pub fn inspect(&self, query: CodeQuery) -> Result<(), SessionError> {
         self.send(Command::Inspect(query))
+    }
+
+    /// Installs `packages` (pip requirements) into the session's own environment. Progress
+    /// comes as `Install` events tagged with `id`; cells keep running meanwhile. Refused at once
+    /// when the operator disabled installs or a requirement is not a plain package name.
+    pub fn install(&self, id: Arc<str>, packages: Vec<String>) -> Result<(), SessionError> {
+        self.check_install(&packages)?;
+        self.send(Command::Install {
+            id,
+            packages,
+            blocking: false,
+        })
+    }
+
+    /// Like [`install`](Self::install), but cells queued after it wait until it finished (the
+    /// packages a session was created with).
+    pub(crate) fn install_before_cells(
+        &self,
+        id: Arc<str>,
+        packages: Vec<String>,
+    ) -> Result<(), SessionError> {
+        self.check_install(&packages)?;
+        self.send(Command::Install {
+            id,
+            packages,
+            blocking: true,
+        })
+    }
+
+    fn check_install(&self, packages: &[String]) -> Result<(), SessionError> {
+        if !self.installs_allowed {
+            return Err(crate::sandbox::InstallError::Disabled.into());
+        }
+        crate::sandbox::packages::validate(packages)?;
+        Ok(())
     }
 
     /// Stops the kernel and removes its sandbox; waits until that is done.

@@ -25,7 +25,13 @@ pub struct CreateSession {
     pub kernel: KernelCommand,
     /// The kernelspec name clients see (`python3` when empty).
     pub kernel_name: String,
+    /// Packages to install before the first cell runs (progress as `Install` events with id
+    /// [`CREATE_INSTALL_ID`]).
+    pub packages: Vec<String>,
 }
+
+/// The id of the install a session was created with.
+pub const CREATE_INSTALL_ID: &str = "packages";
 
 /// The kernelspec name of sessions that ask for no other.
 pub const DEFAULT_KERNEL_NAME: &str = "python3";
@@ -65,6 +71,12 @@ impl SessionManager {
                 self.options.max_sessions
             )));
         }
+        if !request.packages.is_empty() {
+            if !self.sandbox.installs_packages() {
+                return Err(crate::sandbox::InstallError::Disabled.into());
+            }
+            crate::sandbox::packages::validate(&request.packages)?;
+        }
         // Only plain sessions can take a pooled kernel: the pool's kernels have no network and
         // no extra environment.
         let kernel_name: Arc<str> = if request.kernel_name.is_empty() {
@@ -94,7 +106,11 @@ impl SessionManager {
                 }
             }
         };
-        Ok(self.spawn(kernel, kernel_name))
+        let session = self.spawn(kernel, kernel_name);
+        if !request.packages.is_empty() {
+            session.install_before_cells(CREATE_INSTALL_ID.into(), request.packages)?;
+        }
+        Ok(session)
     }
 
     fn spawn(&self, kernel: Kernel, kernel_name: Arc<str>) -> Arc<Session> {
@@ -113,6 +129,7 @@ impl SessionManager {
         }));
         let session = Arc::new(Session {
             files: kernel.process.files(),
+            installs_allowed: self.sandbox.installs_packages(),
             id: id.clone(),
             created: now,
             kernel_name,

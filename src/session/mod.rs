@@ -18,10 +18,10 @@ pub use crate::sandbox::files::{
     ByteStream, Download, FileEntry, FilesError, Listing, MAX_LIST_ENTRIES, WorkPath,
 };
 pub use changed_files::ChangedFile;
-pub use events::{EventKind, KernelState, SessionEvent};
+pub use events::{EventKind, InstallEvent, KernelState, SessionEvent};
 pub use fanout::{ReplayLimits, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
-pub use manager::{CreateSession, SessionManager};
+pub use manager::{CREATE_INSTALL_ID, CreateSession, SessionManager};
 
 use crate::kernel::{ClientOptions, Incoming, KernelClient};
 use crate::sandbox::KernelProcess;

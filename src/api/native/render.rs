@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use super::protocol::{ServerEvent, ServerMessage};
 use crate::kernel::Channel;
-use crate::session::{EventKind, SessionEvent};
+use crate::session::{EventKind, InstallEvent, SessionEvent};
 
 static NULL: Value = Value::Null;
 
@@ -38,6 +38,19 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
         EventKind::State { state, reason } => ServerEvent::Kernel {
             state: *state,
             reason: reason.as_deref(),
+        },
+        EventKind::Install(install) => match install {
+            InstallEvent::Started { packages } => ServerEvent::InstallStarted { packages },
+            InstallEvent::Output { line } => ServerEvent::InstallOutput { text: line },
+            InstallEvent::Failed { message } => ServerEvent::Error {
+                ename: "InstallError",
+                evalue: message,
+                traceback: &EMPTY_LIST,
+            },
+            InstallEvent::Done { error } => ServerEvent::InstallDone {
+                status: if error.is_some() { "error" } else { "ok" },
+                message: error.as_deref(),
+            },
         },
         EventKind::Rejected { message } => ServerEvent::Error {
             ename: "Rejected",

@@ -27,6 +27,7 @@ use super::{
 use crate::kernel::ConnectionInfo;
 use crate::kernel::connection::Transport;
 use crate::sandbox::files::{HostFiles, SessionFiles};
+use crate::sandbox::packages::{PACKAGES_DIR, PackageInstaller};
 use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, SandboxError};
 
 /// `kernelbox.role` of kernel containers.
@@ -38,7 +39,7 @@ const CONTAINER_IPC_DIR: &str = "/run/kernelbox";
 /// The connection file's name in the ipc dir.
 const CONNECTION_FILE: &str = "kernel.json";
 /// The kernel's working directory (the image's WORKDIR).
-const CONTAINER_WORK_DIR: &str = "/home/kernel/work";
+pub(super) const CONTAINER_WORK_DIR: &str = "/home/kernel/work";
 /// Container-side ports of the kernel's channels with the tcp transport.
 const TCP_PORTS: [u16; 5] = [5555, 5556, 5557, 5558, 5559];
 
@@ -77,6 +78,8 @@ pub struct DockerKernel {
     volume: Option<String>,
     /// The working dir's files (through the keeper, or the host dir).
     files: Arc<dyn SessionFiles>,
+    /// Installs packages into the working dir.
+    installer: Arc<dyn PackageInstaller>,
     state: Arc<watch::Sender<RunState>>,
     run: Mutex<Run>,
 }
@@ -365,7 +368,27 @@ async fn launch_inner(
             Some((config.uid, config.gid)),
         )),
     };
+    let work_mount = match &volume {
+        Some(name) => Mount {
+            target: Some(CONTAINER_WORK_DIR.to_owned()),
+            source: Some(name.clone()),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        },
+        None => Mount {
+            target: Some(CONTAINER_WORK_DIR.to_owned()),
+            source: Some(dirs.work.to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            ..Default::default()
+        },
+    };
+    let installer = Arc::new(super::packages::DockerInstaller {
+        shared: shared.clone(),
+        session_id: spec.session_id.clone(),
+        work_mount,
+    });
     Ok(DockerKernel {
+        installer,
         shared: shared.clone(),
         session_id: spec.session_id.clone(),
         dirs: dirs.clone(),
@@ -399,9 +422,14 @@ fn kernel_body(
     let tcp = matches!(config.transport, KernelTransport::Tcp { .. });
     // Without PYDEVD_DISABLE_FILE_VALIDATION, debugpy warns about frozen modules on stderr (and
     // so on iopub) at every kernel start.
-    let env = std::iter::once("PYDEVD_DISABLE_FILE_VALIDATION=1".to_owned())
-        .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
-        .collect();
+    // PYTHONPATH: the session's own packages (installed with `pip install --target`).
+    let env = [
+        "PYDEVD_DISABLE_FILE_VALIDATION=1".to_owned(),
+        format!("PYTHONPATH={CONTAINER_WORK_DIR}/{PACKAGES_DIR}"),
+    ]
+    .into_iter()
+    .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
+    .collect();
     let port_bindings = tcp.then(|| {
         TCP_PORTS
             .iter()
@@ -510,7 +538,7 @@ fn keeper_body(
 
 /// Container logs (the kernel's own stdout/stderr, not cell output) capped at 1 MB, so a
 /// kernel cannot fill the engine's disk through them.
-fn small_log() -> HostConfigLogConfig {
+pub(super) fn small_log() -> HostConfigLogConfig {
     HostConfigLogConfig {
         typ: Some("json-file".to_owned()),
         config: Some(HashMap::from([
@@ -761,6 +789,10 @@ impl KernelProcess for DockerKernel {
         Some(CONTAINER_WORK_DIR.to_owned())
     }
 
+    fn packages(&self) -> Option<Arc<dyn PackageInstaller>> {
+        Some(self.installer.clone())
+    }
+
     async fn shutdown(&self) -> Result<(), SandboxError> {
         let mut run = self.run.lock().await;
         if run.shut_down {
@@ -778,6 +810,8 @@ impl KernelProcess for DockerKernel {
         if let Some(keeper) = &self.keeper_id {
             remove_container(docker, keeper).await?;
         }
+        // An install still running holds the working dir too.
+        self.remove_installers().await;
         if let Some(volume) = &self.volume {
             remove_volume(docker, volume).await?;
         }
@@ -788,6 +822,34 @@ impl KernelProcess for DockerKernel {
 }
 
 impl DockerKernel {
+    /// Removes this session's installer containers (best effort).
+    async fn remove_installers(&self) {
+        let docker = &self.shared.docker;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_INSTANCE}={}", self.shared.instance_id),
+                format!("{LABEL_SESSION}={}", self.session_id),
+                format!("{LABEL_ROLE}={}", super::packages::ROLE_INSTALLER),
+            ],
+        )]);
+        let options = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        match docker.list_containers(Some(options)).await {
+            Ok(containers) => {
+                for id in containers.into_iter().filter_map(|c| c.id) {
+                    if let Err(err) = remove_container(docker, &id).await {
+                        tracing::warn!(%err, "cannot remove an installer container");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cannot list installer containers"),
+        }
+    }
+
     /// Kills the current run and starts the container again (same mounts, so the working dir
     /// and connection info stay); recreates the container if it was removed from outside.
     async fn restart_container(&self, run: &mut Run) -> Result<(), SandboxError> {

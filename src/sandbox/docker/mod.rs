@@ -10,6 +10,7 @@ mod config;
 mod container;
 mod files;
 mod image;
+mod packages;
 mod state;
 
 use std::collections::HashMap;
@@ -146,6 +147,10 @@ async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
 impl Sandbox for DockerSandbox {
     fn name(&self) -> &'static str {
         "docker"
+    }
+
+    fn installs_packages(&self) -> bool {
+        self.shared.config.packages.allow
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {
