@@ -400,12 +400,46 @@ async fn docker_host_dir_upload_compute_download_and_traversal() {
     .await;
 }
 
+/// A kernel started through the Jupyter API is a session too: the same endpoints serve its
+/// working directory, with the kernel id as the session id.
+async fn jupyter_kernels_have_files(server: &TestServer) {
+    let resp = server
+        .http()
+        .post(server.url("/api/kernels"))
+        .bearer_auth(&server.token)
+        .json(&serde_json::json!({"name": "python3"}))
+        .send()
+        .await
+        .expect("POST /api/kernels");
+    assert_eq!(resp.status(), 201);
+    let kernel: Value = resp.json().await.expect("json");
+    let id = kernel["id"].as_str().expect("kernel id").to_owned();
+    assert_eq!(
+        put(server, &id, "from-rest.txt", b"hello".to_vec()).await.0,
+        201
+    );
+    let base = format!("ws://{}/api/kernels/{id}/channels", server.addr);
+    let mut ws = common::jupyter::JupyterWs::connect(&base, "files-test", &server.token).await;
+    let run = ws
+        .execute(
+            "import os; os.makedirs('output', exist_ok=True)\n\
+             open('output/echo.txt', 'w').write(open('from-rest.txt').read() * 2)",
+        )
+        .await;
+    assert_eq!(run.reply["content"]["status"], "ok", "{:?}", run.reply);
+    assert_eq!(
+        get(server, &id, "output/echo.txt").await,
+        (200, b"hellohello".to_vec())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_files() {
     run_against(local_server().await, async |s| {
         upload_compute_download(s).await;
         traversal_is_rejected(s).await;
         oversize_upload_is_413(s).await;
+        jupyter_kernels_have_files(s).await;
     })
     .await;
 }

@@ -107,8 +107,14 @@ impl SessionManager {
             }
         };
         let session = self.spawn(kernel, kernel_name);
-        if !request.packages.is_empty() {
-            session.install_before_cells(CREATE_INSTALL_ID.into(), request.packages)?;
+        if !request.packages.is_empty()
+            && let Err(err) =
+                session.install_before_cells(CREATE_INSTALL_ID.into(), request.packages)
+        {
+            // Checked above, so only an overloaded or closed actor gets here: do not leave a
+            // session behind that the client was told failed.
+            let _ = self.remove(session.id()).await;
+            return Err(err);
         }
         Ok(session)
     }
