@@ -253,6 +253,14 @@ fn package_policy(args: &ServeArgs) -> PackagePolicy {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_json);
+    if let Some(ca) = &args.package_ca_bundle
+        && !ca.is_file()
+    {
+        return Err(format!(
+            "--package-ca-bundle {} is not a readable file",
+            ca.display()
+        ));
+    }
     let sandbox: Arc<dyn Sandbox> = match args.backend {
         Backend::Local => local_sandbox(args.python.clone(), package_policy(&args)).await?,
         Backend::Docker => Arc::new(
