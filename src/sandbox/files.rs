@@ -5,6 +5,7 @@
 //! (the local backend, and the Docker backend with a host working dir); the Docker backend's
 //! tmpfs working dir is served through its keeper container (`docker::files`).
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
@@ -13,6 +14,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
+use nix::sys::stat::{Mode, SFlag, fstat, fstatat, mkdirat};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
@@ -263,11 +267,13 @@ fn write_error(path: &WorkPath, err: std::io::Error) -> FilesError {
     }
 }
 
-/// A working directory on the server's own filesystem. Symlinks inside it are followed as long
-/// as they stay inside; one leading out is refused. (The check and the operation are separate
-/// steps: a kernel racing to swap a directory for a symlink in between could still redirect one
-/// operation — the local backend isolates nothing anyway; the Docker backend's default tmpfs
-/// working dir is not served from here.)
+/// A working directory on the server's own filesystem. Every path is opened with
+/// `openat2(RESOLVE_BENEATH)` from the directory's own descriptor, so the kernel resolves it and
+/// refuses (EXDEV) anything leading out — symlinks, however and whenever a kernel swaps them in —
+/// while symlinks staying inside are followed. Writes go to a fresh file (`O_EXCL`) in the
+/// opened parent directory, renamed into place there; deletes unlink in the opened parent. This
+/// matters for the Docker backend's host working dir: a root server must never be tricked into
+/// writing outside it. Needs Linux 5.6 or newer (openat2).
 #[derive(Debug, Clone)]
 pub struct HostFiles {
     root: PathBuf,
@@ -281,58 +287,54 @@ impl HostFiles {
         Self { root, owner }
     }
 
-    /// The canonical root.
-    fn canonical_root(&self) -> Result<PathBuf, FilesError> {
-        std::fs::canonicalize(&self.root).map_err(|err| FilesError::Backend {
+    /// The working directory itself (trusted: the server made it).
+    fn open_root(&self) -> Result<OwnedFd, FilesError> {
+        nix::fcntl::open(
+            &self.root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|err| FilesError::Backend {
             op: "open",
             path: ".".to_owned(),
             reason: format!("the working directory is unavailable: {err}"),
         })
     }
 
-    /// The host path of `path`, with every existing component checked: symlinks may only lead
-    /// to places inside the root. Missing trailing components are fine (for writes).
-    fn resolve(&self, path: &WorkPath, follow_last: bool) -> Result<PathBuf, FilesError> {
-        let root = self.canonical_root()?;
-        let mut current = root.clone();
-        let parts: Vec<&str> = if path.is_root() {
-            Vec::new()
-        } else {
-            path.as_str().split('/').collect()
-        };
-        for (i, part) in parts.iter().enumerate() {
-            let next = current.join(part);
-            let last = i + 1 == parts.len();
-            match std::fs::symlink_metadata(&next) {
-                Ok(meta) if meta.file_type().is_symlink() && (follow_last || !last) => {
-                    let target = std::fs::canonicalize(&next)
-                        .map_err(|_| FilesError::Escapes(path.as_str().to_owned()))?;
-                    if !target.starts_with(&root) {
-                        return Err(FilesError::Escapes(path.as_str().to_owned()));
-                    }
-                    current = target;
-                }
-                Ok(_) => current = next,
-                Err(_) => {
-                    // Missing: the rest cannot be symlinks yet.
-                    for rest in &parts[i..] {
-                        current.push(rest);
-                    }
-                    return Ok(current);
-                }
-            }
+    /// Opens `rel` (a [`WorkPath`] string, `""` for the root) beneath `dir`.
+    fn beneath(dir: impl AsFd, rel: &str, flags: OFlag, mode: Mode) -> Result<OwnedFd, Errno> {
+        let rel = if rel.is_empty() { "." } else { rel };
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC)
+            .mode(mode)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        openat2(dir, rel, how)
+    }
+
+    fn errno(op: &'static str, path: &WorkPath, err: Errno) -> FilesError {
+        match err {
+            Errno::ENOENT => FilesError::NotFound(path.to_string()),
+            Errno::EXDEV | Errno::ELOOP => FilesError::Escapes(path.as_str().to_owned()),
+            Errno::ENOTDIR => FilesError::NotADirectory(path.to_string()),
+            Errno::EISDIR => FilesError::IsADirectory(path.to_string()),
+            Errno::ENOSPC | Errno::EDQUOT => FilesError::NoSpace,
+            Errno::ENOSYS => FilesError::Backend {
+                op,
+                path: path.to_string(),
+                reason: "the files API needs openat2 (Linux 5.6 or newer)".to_owned(),
+            },
+            other => FilesError::Backend {
+                op,
+                path: path.to_string(),
+                reason: other.desc().to_owned(),
+            },
         }
-        Ok(current)
     }
 
     fn io(op: &'static str, path: &WorkPath, err: std::io::Error) -> FilesError {
-        match err.kind() {
-            std::io::ErrorKind::NotFound => FilesError::NotFound(path.to_string()),
-            _ if err.raw_os_error() == Some(nix::libc::ENOSPC) => FilesError::NoSpace,
-            _ if err.raw_os_error() == Some(nix::libc::ENOTDIR) => {
-                FilesError::NotADirectory(path.to_string())
-            }
-            _ => FilesError::Backend {
+        match err.raw_os_error() {
+            Some(code) => Self::errno(op, path, Errno::from_raw(code)),
+            None => FilesError::Backend {
                 op,
                 path: path.to_string(),
                 reason: err.to_string(),
@@ -340,13 +342,54 @@ impl HostFiles {
         }
     }
 
-    fn chown(&self, path: &Path) {
+    /// The directory `dir` (beneath the root), creating missing components as the owner.
+    fn make_dirs(&self, root: &OwnedFd, dir: &WorkPath) -> Result<OwnedFd, FilesError> {
+        let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY;
+        let parts: Vec<&str> = if dir.is_root() {
+            Vec::new()
+        } else {
+            dir.as_str().split('/').collect()
+        };
+        let mut current = Self::beneath(root, "", dir_flags, Mode::empty())
+            .map_err(|e| Self::errno("write", dir, e))?;
+        for i in 0..parts.len() {
+            let prefix = parts[..=i].join("/");
+            current = match Self::beneath(root, &prefix, dir_flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    match mkdirat(&current, parts[i], Mode::from_bits_truncate(0o755)) {
+                        Ok(()) => self.chown_at(&current, parts[i]),
+                        Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(Self::errno("write", dir, e)),
+                    }
+                    Self::beneath(root, &prefix, dir_flags, Mode::empty())
+                        .map_err(|e| Self::errno("write", dir, e))?
+                }
+                Err(e) => return Err(Self::errno("write", dir, e)),
+            };
+        }
+        Ok(current)
+    }
+
+    fn chown_at(&self, dir: &OwnedFd, name: &str) {
         if let Some((uid, gid)) = self.owner
-            && let Err(err) = std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            && let Err(err) = nix::unistd::fchownat(
+                dir,
+                name,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
         {
-            tracing::debug!(%err, path = %path.display(), "cannot chown an uploaded file");
+            tracing::debug!(%err, name, "cannot chown an uploaded file");
         }
     }
+}
+
+/// The `/proc` path of an open descriptor (std's directory reading and recursive removal work
+/// on paths; this one names exactly the opened directory).
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 #[async_trait]
@@ -355,19 +398,24 @@ impl SessionFiles for HostFiles {
         let this = self.clone();
         let dir = dir.clone();
         blocking(move || {
-            let host = this.resolve(&dir, true)?;
-            let meta = std::fs::metadata(&host).map_err(|e| Self::io("list", &dir, e))?;
-            if !meta.is_dir() {
-                return Err(FilesError::NotADirectory(dir.to_string()));
-            }
+            let root = this.open_root()?;
+            let fd = Self::beneath(
+                &root,
+                dir.as_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .map_err(|e| Self::errno("list", &dir, e))?;
             let mut entries = Vec::new();
             let mut truncated = false;
-            for entry in std::fs::read_dir(&host).map_err(|e| Self::io("list", &dir, e))? {
+            let reader = std::fs::read_dir(fd_path(&fd)).map_err(|e| Self::io("list", &dir, e))?;
+            for entry in reader {
                 let entry = entry.map_err(|e| Self::io("list", &dir, e))?;
                 if entries.len() >= MAX_LIST_ENTRIES {
                     truncated = true;
                     break;
                 }
+                // DirEntry::metadata does not follow symlinks.
                 let Ok(meta) = entry.metadata() else { continue };
                 let name = entry.file_name().to_string_lossy().into_owned();
                 entries.push(FileEntry {
@@ -385,34 +433,38 @@ impl SessionFiles for HostFiles {
     }
 
     async fn read(&self, path: &WorkPath) -> Result<Download, FilesError> {
-        let host = {
-            let this = self.clone();
-            let path = path.clone();
-            blocking(move || this.resolve(&path, true)).await?
-        };
-        // Check before opening: opening a FIFO the kernel made would wait for a writer.
-        let meta = tokio::fs::metadata(&host)
-            .await
-            .map_err(|e| Self::io("read", path, e))?;
-        if meta.is_dir() {
-            return Err(FilesError::IsADirectory(path.to_string()));
-        }
-        if !meta.is_file() {
-            return Err(FilesError::InvalidPath {
-                path: path.to_string(),
-                reason: "it is not a regular file",
-            });
-        }
-        let file = tokio::fs::File::open(&host)
-            .await
-            .map_err(|e| Self::io("read", path, e))?;
-        let meta = file
-            .metadata()
-            .await
-            .map_err(|e| Self::io("read", path, e))?;
+        let this = self.clone();
+        let target = path.clone();
+        let (file, size) = blocking(move || {
+            let root = this.open_root()?;
+            // O_NONBLOCK: opening a FIFO the kernel made must not wait for a writer.
+            let fd = Self::beneath(
+                &root,
+                target.as_str(),
+                OFlag::O_RDONLY | OFlag::O_NONBLOCK,
+                Mode::empty(),
+            )
+            .map_err(|e| Self::errno("read", &target, e))?;
+            let stat = fstat(&fd).map_err(|e| Self::errno("read", &target, e))?;
+            let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+            if kind == SFlag::S_IFDIR {
+                return Err(FilesError::IsADirectory(target.to_string()));
+            }
+            if kind != SFlag::S_IFREG {
+                return Err(FilesError::InvalidPath {
+                    path: target.to_string(),
+                    reason: "it is not a regular file",
+                });
+            }
+            Ok((
+                std::fs::File::from(fd),
+                u64::try_from(stat.st_size).unwrap_or(0),
+            ))
+        })
+        .await?;
         Ok(Download {
-            size: meta.len(),
-            body: tokio_util::io::ReaderStream::new(file).boxed(),
+            size,
+            body: tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file)).boxed(),
         })
     }
 
@@ -426,78 +478,102 @@ impl SessionFiles for HostFiles {
             return Err(FilesError::IsADirectory(path.to_string()));
         };
         let name = name.to_owned();
+        let temp = format!(".{name}.kernelbox-upload-{}", uuid::Uuid::new_v4().simple());
         let this = self.clone();
-        let parent_for_mkdir = parent.clone();
-        let parent_host = blocking(move || {
-            let host = this.resolve(&parent_for_mkdir, true)?;
-            // Create missing directories one by one, each owned by the kernel's user.
-            let root = this.canonical_root()?;
-            let mut current = root.clone();
-            if let Ok(rest) = host.strip_prefix(&root) {
-                for part in rest.components() {
-                    current.push(part);
-                    match std::fs::create_dir(&current) {
-                        Ok(()) => this.chown(&current),
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(Self::io("write", &parent_for_mkdir, e)),
-                    }
-                }
+        let (target, temp_name) = (path.clone(), temp.clone());
+        let name_for_open = name.clone();
+        // Open the parent (making it), check the target, create the temp file in it.
+        let (parent_fd, file) = blocking(move || {
+            let root = this.open_root()?;
+            let parent_fd = this.make_dirs(&root, &parent)?;
+            if let Ok(stat) = fstatat(
+                &parent_fd,
+                name_for_open.as_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) && SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+            {
+                return Err(FilesError::IsADirectory(target.to_string()));
             }
-            Ok(host)
+            let fd = nix::fcntl::openat(
+                &parent_fd,
+                temp_name.as_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .map_err(|e| Self::errno("write", &target, e))?;
+            this.chown_at(&parent_fd, &temp_name);
+            Ok((parent_fd, std::fs::File::from(fd)))
         })
         .await?;
-        let target = parent_host.join(&name);
-        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-            return Err(FilesError::IsADirectory(path.to_string()));
-        }
-        // Write next to the target, then rename: a failed or oversized upload leaves nothing,
-        // and a symlink at the target is replaced, never followed.
-        let temp = parent_host.join(format!(".{name}.kernelbox-upload-{}", uuid::Uuid::new_v4()));
-        let mut file = tokio::fs::File::create(&temp)
-            .await
-            .map_err(|e| Self::io("write", path, e))?;
+        let mut file = tokio::fs::File::from_std(file);
         let written = spool(body, &mut file, limit, path).await;
         drop(file);
-        let written = match written {
-            Ok(n) => n,
-            Err(err) => {
-                let _ = tokio::fs::remove_file(&temp).await;
-                return Err(err);
+        let target = path.clone();
+        let outcome = blocking(move || {
+            let result = written.and_then(|n| {
+                nix::fcntl::renameat(&parent_fd, temp.as_str(), &parent_fd, name.as_str())
+                    .map(|()| n)
+                    .map_err(|e| Self::errno("write", &target, e))
+            });
+            if result.is_err() {
+                let _ = nix::unistd::unlinkat(
+                    &parent_fd,
+                    temp.as_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
             }
-        };
-        self.chown(&temp);
-        if let Err(err) = tokio::fs::rename(&temp, &target).await {
-            let _ = tokio::fs::remove_file(&temp).await;
-            return Err(Self::io("write", path, err));
-        }
+            result
+        })
+        .await?;
         Ok(FileEntry {
-            name,
+            name: path
+                .split_last()
+                .map(|(_, n)| n.to_owned())
+                .unwrap_or_default(),
             path: path.as_str().to_owned(),
-            size: written,
+            size: outcome,
             modified: rfc3339(SystemTime::now()),
             is_dir: false,
         })
     }
 
     async fn delete(&self, path: &WorkPath) -> Result<(), FilesError> {
-        if path.is_root() {
+        let Some((parent, name)) = path.split_last() else {
             return Err(FilesError::InvalidPath {
                 path: String::new(),
                 reason: "the working directory itself cannot be deleted",
             });
-        }
+        };
+        let name = name.to_owned();
         let this = self.clone();
         let path = path.clone();
         blocking(move || {
-            let host = this.resolve(&path, false)?;
-            let meta =
-                std::fs::symlink_metadata(&host).map_err(|e| Self::io("delete", &path, e))?;
-            if meta.is_dir() {
-                std::fs::remove_dir_all(&host)
+            let root = this.open_root()?;
+            let parent_fd = Self::beneath(
+                &root,
+                parent.as_str(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .map_err(|e| Self::errno("delete", &path, e))?;
+            let stat = fstatat(&parent_fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| Self::errno("delete", &path, e))?;
+            if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+                // std's remove_dir_all never follows symlinks, also if one is swapped in.
+                std::fs::remove_dir_all(fd_path(&parent_fd).join(&name))
+                    .map_err(|e| Self::io("delete", &path, e))
             } else {
-                std::fs::remove_file(&host)
+                nix::unistd::unlinkat(
+                    &parent_fd,
+                    name.as_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                )
+                .map_err(|e| Self::errno("delete", &path, e))
             }
-            .map_err(|e| Self::io("delete", &path, e))
         })
         .await
     }
