@@ -280,6 +280,44 @@ async fn docker_the_kernel_stays_offline() {
     .await;
 }
 
+/// A Jupyter client's kernel gets packages through the same endpoint and imports them over the
+/// Jupyter protocol (the session refreshes the kernel's import caches for it too).
+async fn jupyter_kernels_install_packages(server: &TestServer) {
+    let resp = server
+        .http()
+        .post(server.url("/api/kernels"))
+        .bearer_auth(&server.token)
+        .json(&json!({"name": "python3"}))
+        .send()
+        .await
+        .expect("POST /api/kernels");
+    assert_eq!(resp.status(), 201);
+    let id = resp.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("kernel id")
+        .to_owned();
+    let base = format!("ws://{}/api/kernels/{id}/channels", server.addr);
+    let mut jupyter = common::jupyter::JupyterWs::connect(&base, "pkg-test", &server.token).await;
+    let warm = jupyter.execute("import sys").await;
+    assert_eq!(warm.reply["content"]["status"], "ok");
+    let mut events = server.ws_since(&id, 0).await;
+    let resp = server
+        .http()
+        .post(server.url(&format!("/v1/sessions/{id}/packages")))
+        .bearer_auth(&server.token)
+        .json(&json!({"packages": ["humanize"], "id": "j1"}))
+        .send()
+        .await
+        .expect("POST packages");
+    assert_eq!(resp.status(), 202);
+    let done = install_events(&mut events, "j1").await;
+    assert_eq!(done.last().expect("done")["status"], "ok");
+    let run = jupyter
+        .execute("import humanize; print(humanize.__name__)")
+        .await;
+    assert_eq!(run.reply["content"]["status"], "ok", "{:?}", run.reply);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_packages_at_creation_and_on_a_live_session() {
     let sandbox = LocalSandbox::new(common::python(), common::temp_state_dir())
@@ -289,6 +327,7 @@ async fn local_packages_at_creation_and_on_a_live_session() {
     run_against(server, async |server| {
         packages_at_creation(server).await;
         install_on_a_live_session(server).await;
+        jupyter_kernels_install_packages(server).await;
     })
     .await;
 }

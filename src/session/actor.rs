@@ -171,7 +171,7 @@ impl Actor {
                 },
                 reason = self.process.exited(), if self.watching_exit => self.on_death(reason),
                 () = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
-                Some(update) = self.install_rx.recv() => self.on_install_update(update),
+                Some(update) = self.install_rx.recv() => self.on_install_update(update).await,
             }
         }
         if let Some((_, _, task)) = self.install_running.take() {
@@ -225,26 +225,7 @@ impl Actor {
         if self.queue.is_empty() {
             return Ok(());
         }
-        if self.refresh_imports
-            && let Some(client) = &self.client
-        {
-            let content = json!({
-                "code": REFRESH_IMPORTS,
-                "silent": true,
-                "store_history": false,
-                "user_expressions": {},
-                "allow_stdin": false,
-                "stop_on_error": false,
-            });
-            let msg_id = client
-                .request(Channel::Shell, "execute_request", content, None)
-                .await?;
-            self.refresh_imports = false;
-            self.internal.push_back(msg_id);
-            if self.internal.len() > 16 {
-                self.internal.pop_front();
-            }
-        }
+        self.refresh_imports().await?;
         let Some(request) = self.queue.pop_front() else {
             return Ok(());
         };
@@ -337,6 +318,34 @@ impl Actor {
         }
     }
 
+    /// After an install, has the kernel refresh its import caches (a silent request nobody
+    /// sees) before anything else it is sent; waits for a connected kernel when there is none.
+    async fn refresh_imports(&mut self) -> Result<(), KernelError> {
+        if !self.refresh_imports {
+            return Ok(());
+        }
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        let content = json!({
+            "code": REFRESH_IMPORTS,
+            "silent": true,
+            "store_history": false,
+            "user_expressions": {},
+            "allow_stdin": false,
+            "stop_on_error": false,
+        });
+        let msg_id = client
+            .request(Channel::Shell, "execute_request", content, None)
+            .await?;
+        self.refresh_imports = false;
+        self.internal.push_back(msg_id);
+        if self.internal.len() > 16 {
+            self.internal.pop_front();
+        }
+        Ok(())
+    }
+
     /// Queues an install; installs run one at a time (they share the packages dir).
     fn enqueue_install(&mut self, id: Arc<str>, packages: Vec<String>, blocking: bool) {
         if self.installer.is_none() {
@@ -397,7 +406,7 @@ impl Actor {
         self.install_running = Some((id, blocking, task));
     }
 
-    fn on_install_update(&mut self, update: InstallUpdate) {
+    async fn on_install_update(&mut self, update: InstallUpdate) {
         match update {
             InstallUpdate::Output(id, line) => {
                 self.emit(Some(id), EventKind::Install(InstallEvent::Output { line }));
@@ -411,6 +420,11 @@ impl Actor {
                 let error = match result {
                     Ok(()) => {
                         self.refresh_imports = true;
+                        // Now, so Jupyter clients' requests see the packages too (the kernel
+                        // runs it after the cell it may be running).
+                        if let Err(e) = self.refresh_imports().await {
+                            tracing::debug!(session = %self.id, error = %e, "cannot refresh import caches");
+                        }
                         None
                     }
                     Err(err) => {
@@ -442,6 +456,11 @@ impl Actor {
     /// While the kernel is starting or restarting, messages wait (bounded) and go once it is
     /// ready, as a Jupyter client expects of a kernel it just started.
     async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>) {
+        if channel == Channel::Shell
+            && let Err(e) = self.refresh_imports().await
+        {
+            tracing::debug!(session = %self.id, error = %e, "cannot refresh import caches");
+        }
         let Some(client) = &self.client else {
             let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
             if waiting && self.forwards.len() < self.opts.max_queue {
