@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kernelbox::api::{self, ApiToken, AppState, KernelSpecs, Token, Tokens};
 use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
-use kernelbox::sandbox::{Sandbox, SandboxError};
+use kernelbox::sandbox::{PackagePolicy, Sandbox, SandboxError};
 use kernelbox::session::{ReplayLimits, SessionManager, SessionOptions, SessionStore};
 
 /// A server that gives every client session its own sandboxed Jupyter kernel.
@@ -157,6 +157,25 @@ struct ServeArgs {
     /// Keep no session store: stopping the server removes every session's container.
     #[arg(long, env = "KERNELBOX_EPHEMERAL", conflicts_with = "state_db")]
     ephemeral: bool,
+    /// Let sessions install Python packages (`"packages"` at creation, `install` messages,
+    /// `POST /v1/sessions/{id}/packages`); refused otherwise. On Docker, pip runs in a
+    /// short-lived installer container with network access; the kernel never gets any.
+    #[arg(long, env = "KERNELBOX_ALLOW_PACKAGE_INSTALLS")]
+    allow_package_installs: bool,
+    /// Package index for installs (pip's --index-url: a mirror or proxy); default PyPI.
+    #[arg(long, env = "KERNELBOX_PACKAGE_INDEX_URL")]
+    package_index_url: Option<String>,
+    /// A CA bundle pip should trust for installs (e.g. behind a TLS-intercepting proxy);
+    /// mounted read-only into the installer only.
+    #[arg(long, env = "KERNELBOX_PACKAGE_CA_BUNDLE")]
+    package_ca_bundle: Option<PathBuf>,
+    /// The Docker network installer containers join.
+    #[arg(long, env = "KERNELBOX_PACKAGE_NETWORK", default_value = "bridge")]
+    package_network: String,
+    /// Largest file upload accepted (`PUT /v1/sessions/{id}/files/{path}`), in MiB; `413`
+    /// beyond.
+    #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
+    max_upload_mb: u64,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -237,15 +256,19 @@ fn init_logging(json: bool) {
     }
 }
 
-async fn local_sandbox(python: Option<PathBuf>) -> Result<Arc<dyn Sandbox>, String> {
+async fn local_sandbox(
+    python: Option<PathBuf>,
+    packages: PackagePolicy,
+) -> Result<Arc<dyn Sandbox>, String> {
     let python = match python {
         Some(p) => p,
         None => venv::ensure(std::path::Path::new("python3"))
             .await
             .map_err(|e| e.to_string())?,
     };
-    let sandbox =
-        LocalSandbox::new(python, kernelbox::config::state_dir()).map_err(|e| e.to_string())?;
+    let sandbox = LocalSandbox::new(python, kernelbox::config::state_dir())
+        .map_err(|e| e.to_string())?
+        .with_packages(packages);
     Ok(Arc::new(sandbox))
 }
 
@@ -258,13 +281,32 @@ fn docker_config(args: &ServeArgs) -> DockerConfig {
     config.cpus = args.cpus;
     config.pids_limit = args.pids_limit;
     config.allow_network_requests = args.allow_network;
+    config.packages = package_policy(args);
     config
+}
+
+fn package_policy(args: &ServeArgs) -> PackagePolicy {
+    PackagePolicy {
+        allow: args.allow_package_installs,
+        index_url: args.package_index_url.clone(),
+        ca_bundle: args.package_ca_bundle.clone(),
+        network: args.package_network.clone(),
+        ..PackagePolicy::default()
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_json);
+    if let Some(ca) = &args.package_ca_bundle
+        && !ca.is_file()
+    {
+        return Err(format!(
+            "--package-ca-bundle {} is not a readable file",
+            ca.display()
+        ));
+    }
     let sandbox: Arc<dyn Sandbox> = match args.backend {
-        Backend::Local => local_sandbox(args.python.clone()).await?,
+        Backend::Local => local_sandbox(args.python.clone(), package_policy(&args)).await?,
         Backend::Docker => Arc::new(
             DockerSandbox::new(docker_config(&args))
                 .await
@@ -284,7 +326,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no Docker engine: using the local backend (kernels are NOT isolated)");
-                local_sandbox(args.python.clone()).await?
+                local_sandbox(args.python.clone(), package_policy(&args)).await?
             }
         },
     };
@@ -351,7 +393,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let state = AppState::new(sessions.clone(), Token::generate())
         .with_tokens(tokens)
         .with_allowed_origins(args.allowed_origins.clone())
-        .with_kernelspecs(kernelspecs);
+        .with_kernelspecs(kernelspecs)
+        .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20));
     let result = api::serve(listener, state, shutdown_signal()).await;
     if sessions.persistent() {
         tracing::info!("shutting down: sessions keep running for the next start");

@@ -5,8 +5,8 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::sandbox::SandboxError;
-use crate::session::SessionError;
+use crate::sandbox::{InstallError, SandboxError};
+use crate::session::{FilesError, SessionError};
 
 /// A failed request: the status to answer with and a message that says what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,23 @@ impl From<SessionError> for AppError {
             SessionError::Overloaded(_) | SessionError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             SessionError::Sandbox(SandboxError::Policy(_)) => StatusCode::FORBIDDEN,
             SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SessionError::Files(files) => match files {
+                FilesError::InvalidPath { .. }
+                | FilesError::Escapes(_)
+                | FilesError::IsADirectory(_)
+                | FilesError::NotADirectory(_)
+                | FilesError::Body(_) => StatusCode::BAD_REQUEST,
+                FilesError::NotFound(_) => StatusCode::NOT_FOUND,
+                FilesError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                FilesError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+                FilesError::Unsupported => StatusCode::NOT_IMPLEMENTED,
+                FilesError::Backend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            SessionError::Install(InstallError::Disabled) => StatusCode::FORBIDDEN,
+            SessionError::Install(InstallError::InvalidPackage(_) | InstallError::Count(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            SessionError::Install(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self {
             status,

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod files;
 pub mod jupyter;
 pub mod native;
 pub mod origin;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::middleware::from_fn_with_state;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     /// The last event each Jupyter client (kernel id, client session id) received, so a
     /// reconnect resumes where it left off.
     pub jupyter_cursors: Arc<DashMap<(String, String), u64>>,
+    /// Largest file upload accepted, in bytes (`413` beyond).
+    pub max_upload_bytes: u64,
 }
 
 impl AppState {
@@ -52,6 +55,7 @@ impl AppState {
             allowed_origins: Arc::new(Vec::new()),
             kernelspecs: Arc::new(KernelSpecs::default()),
             jupyter_cursors: Arc::new(DashMap::new()),
+            max_upload_bytes: files::DEFAULT_MAX_UPLOAD_BYTES,
         }
     }
 
@@ -73,6 +77,12 @@ impl AppState {
         self.sessions
             .get(id)
             .filter(|s| s.owner() == Some(&principal.name))
+    }
+
+    /// The same state with another upload limit (bytes).
+    pub fn with_max_upload_bytes(mut self, bytes: u64) -> Self {
+        self.max_upload_bytes = bytes;
+        self
     }
 
     /// The same state with another kernelspec table.
@@ -116,6 +126,14 @@ pub fn router(state: AppState) -> Router {
             get(sessions::get).delete(sessions::delete),
         )
         .route("/sessions/{id}/ws", get(native::upgrade))
+        .route("/sessions/{id}/packages", post(sessions::install))
+        .route("/sessions/{id}/files", get(files::list))
+        .route(
+            "/sessions/{id}/files/{*path}",
+            get(files::download)
+                .put(files::upload)
+                .delete(files::delete),
+        )
         .route_layer(from_fn_with_state(state.clone(), auth::require_token));
     let jupyter =
         jupyter::routes().route_layer(from_fn_with_state(state.clone(), auth::require_token));

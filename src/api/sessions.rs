@@ -22,6 +22,53 @@ pub struct CreateBody {
     /// Extra environment variables for the kernel.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Python packages to install before the first cell runs (refused with 403 unless the
+    /// operator allows installs); progress on the WebSocket as install events with id
+    /// `packages`.
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+/// Body of `POST /v1/sessions/{id}/packages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallBody {
+    /// pip requirements: names with optional `[extras]` and version specifiers.
+    pub packages: Vec<String>,
+    /// The id the install's events carry (generated when absent).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Answer of `POST /v1/sessions/{id}/packages`.
+#[derive(Debug, Serialize)]
+pub struct InstallAccepted {
+    /// The id the install's events carry.
+    pub id: String,
+}
+
+/// `POST /v1/sessions/{id}/packages`: starts installing packages into the session's own
+/// environment; `202` with the install's id. Progress and the outcome come on the session's
+/// WebSocket (`install_started`, `install_output`, `install_done`).
+pub async fn install(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<InstallAccepted>), AppError> {
+    let body: InstallBody = serde_json::from_slice(&body)
+        .map_err(|e| AppError::bad_request(format!("invalid install request: {e}")))?;
+    let session = state
+        .sessions
+        .get(&id)
+        .ok_or_else(|| AppError::no_session(&id))?;
+    let install_id = body
+        .id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    session.install(install_id.as_str().into(), body.packages)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(InstallAccepted { id: install_id }),
+    ))
 }
 
 /// A session as the REST API shows it.
@@ -92,6 +139,7 @@ pub async fn create(
             env: body.env,
             owner: Some(principal.name.clone()),
             owner_limit: principal.max_sessions,
+            packages: body.packages,
             ..CreateSession::default()
         })
         .await?;

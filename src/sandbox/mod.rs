@@ -3,15 +3,20 @@
 //! WebSockets or sessions' clients: it starts, watches, signals and stops kernel processes.
 
 pub mod docker;
+pub mod files;
 pub mod local;
+pub mod packages;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::ConnectionInfo;
+pub use files::{FileEntry, FilesError, SessionFiles, WorkPath};
+pub use packages::{InstallError, PackageInstaller, PackagePolicy};
 
 /// Why a kernel is no longer running, as clients are told it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +173,11 @@ pub trait Sandbox: Send + Sync + 'static {
         )))
     }
 
+    /// Whether the operator lets sessions install packages (see [`PackagePolicy`]).
+    fn installs_packages(&self) -> bool {
+        false
+    }
+
     /// Removes whatever this server instance left behind (called at start and at shutdown).
     /// Returns how many kernels were removed.
     async fn cleanup(&self) -> Result<usize, SandboxError> {
@@ -214,5 +224,22 @@ pub trait KernelProcess: Send + Sync + 'static {
     /// stop them instead (the default).
     async fn detach(&self) -> Result<(), SandboxError> {
         self.shutdown().await
+    }
+
+    /// Access to the kernel's working directory, usable whatever state the kernel is in;
+    /// `None` when the backend offers none.
+    fn files(&self) -> Option<Arc<dyn SessionFiles>> {
+        None
+    }
+
+    /// The kernel's working directory as the kernel itself sees it (its initial current
+    /// directory), for code that runs inside the kernel; `None` when unknown.
+    fn kernel_work_dir(&self) -> Option<String> {
+        None
+    }
+
+    /// Installs packages into this kernel's own environment; `None` when the backend cannot.
+    fn packages(&self) -> Option<Arc<dyn PackageInstaller>> {
+        None
     }
 }

@@ -11,12 +11,13 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::events::{EventKind, KernelState, SessionEvent};
+use super::changed_files::{self, ChangedFile};
+use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
 use super::fanout::Fanout;
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
 use super::{Kernel, SessionOptions};
 use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
-use crate::sandbox::{ExitReason, KernelProcess};
+use crate::sandbox::{ExitReason, InstallError, KernelProcess, PackageInstaller};
 
 /// How many recently finished cells keep their routing, for late output from threads.
 const RECENT_CELLS: usize = 64;
@@ -36,6 +37,8 @@ struct Running {
     output_bytes: usize,
     dropped_bytes: usize,
     dropped_messages: usize,
+    /// Files under `output/` the cell created or changed (from the execute_reply).
+    files: Option<Vec<ChangedFile>>,
 }
 
 /// A connection attempt in flight.
@@ -68,7 +71,32 @@ pub(crate) struct Actor {
     forwards: VecDeque<(Channel, Message, Arc<str>)>,
     /// Completion/inspection queries waiting for the kernel to be ready.
     pending_queries: VecDeque<(&'static str, Value, CodeQuery)>,
+    /// The `user_expressions` entry listing changed files (when the kernel's working dir is
+    /// known).
+    files_expression: Option<String>,
+    /// Package installs: the backend's installer, what waits, what runs and its updates.
+    installer: Option<Arc<dyn PackageInstaller>>,
+    installs: VecDeque<(Arc<str>, Vec<String>, bool)>,
+    install_running: Option<(Arc<str>, bool, tokio::task::JoinHandle<()>)>,
+    install_tx: mpsc::Sender<InstallUpdate>,
+    install_rx: mpsc::Receiver<InstallUpdate>,
+    /// Blocking installs (asked for at creation) not finished yet: cells wait for them.
+    blocking_installs: usize,
+    /// Packages were installed since the kernel last refreshed its import caches.
+    refresh_imports: bool,
+    /// msg_ids of the session's own silent requests, whose messages nobody sees.
+    internal: VecDeque<String>,
 }
+
+/// What an install task reports to the actor.
+enum InstallUpdate {
+    Output(Arc<str>, String),
+    Done(Arc<str>, Result<(), InstallError>),
+}
+
+/// Python run (silently, before the next cell) after an install, so imports see new packages
+/// even when the packages dir did not exist when the kernel started.
+const REFRESH_IMPORTS: &str = "__import__('importlib').invalidate_caches()";
 
 impl Actor {
     /// An actor for a kernel that is either ready (from the pool), just launched or just adopted.
@@ -83,7 +111,22 @@ impl Actor {
         status: Arc<Mutex<Status>>,
         last_seq: u64,
     ) -> Self {
+        let files_expression = kernel
+            .process
+            .kernel_work_dir()
+            .map(|dir| changed_files::user_expression(&dir));
+        let installer = kernel.process.packages();
+        let (install_tx, install_rx) = mpsc::channel(1024);
         let mut actor = Self {
+            installer,
+            installs: VecDeque::new(),
+            install_running: None,
+            install_tx,
+            install_rx,
+            blocking_installs: 0,
+            refresh_imports: false,
+            internal: VecDeque::new(),
+            files_expression,
             id,
             opts,
             commands,
@@ -155,7 +198,11 @@ impl Actor {
                 },
                 reason = self.process.exited(), if self.watching_exit => self.on_death(reason),
                 () = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
+                Some(update) = self.install_rx.recv() => self.on_install_update(update).await,
             }
+        }
+        if let Some((_, _, task)) = self.install_running.take() {
+            task.abort();
         }
         self.client = None;
         self.incoming = None;
@@ -209,9 +256,13 @@ impl Actor {
 
     /// Sends the next queued cell when the kernel is ready and nothing runs.
     async fn start_next(&mut self) -> Result<(), KernelError> {
-        if self.running.is_some() || self.state != KernelState::Idle {
+        if self.running.is_some() || self.state != KernelState::Idle || self.blocking_installs > 0 {
             return Ok(());
         }
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        self.refresh_imports().await?;
         let Some(request) = self.queue.pop_front() else {
             return Ok(());
         };
@@ -220,11 +271,15 @@ impl Actor {
             self.queue.push_front(request);
             return Ok(());
         };
+        let user_expressions = match &self.files_expression {
+            Some(expr) => json!({ changed_files::USER_EXPRESSION: expr }),
+            None => json!({}),
+        };
         let content = json!({
             "code": request.code,
             "silent": request.silent,
             "store_history": request.store_history,
-            "user_expressions": {},
+            "user_expressions": user_expressions,
             "allow_stdin": request.allow_stdin,
             "stop_on_error": true,
         });
@@ -250,6 +305,7 @@ impl Actor {
                     output_bytes: 0,
                     dropped_bytes: 0,
                     dropped_messages: 0,
+                    files: None,
                 });
                 self.set_state(KernelState::Busy, None);
                 Ok(())
@@ -261,6 +317,7 @@ impl Actor {
                         status: "aborted",
                         execution_count: None,
                         duration_ms: 0,
+                        files: None,
                     },
                 );
                 Err(e)
@@ -296,7 +353,139 @@ impl Actor {
                 msg,
                 origin,
             } => self.forward(channel, *msg, origin).await,
+            Command::Install {
+                id,
+                packages,
+                blocking,
+            } => self.enqueue_install(id, packages, blocking),
             Command::Close(_) | Command::Detach(_) => {}
+        }
+    }
+
+    /// After an install, has the kernel refresh its import caches (a silent request nobody
+    /// sees) before anything else it is sent; waits for a connected kernel when there is none.
+    async fn refresh_imports(&mut self) -> Result<(), KernelError> {
+        if !self.refresh_imports {
+            return Ok(());
+        }
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        let content = json!({
+            "code": REFRESH_IMPORTS,
+            "silent": true,
+            "store_history": false,
+            "user_expressions": {},
+            "allow_stdin": false,
+            "stop_on_error": false,
+        });
+        let msg_id = client
+            .request(Channel::Shell, "execute_request", content, None)
+            .await?;
+        self.refresh_imports = false;
+        self.internal.push_back(msg_id);
+        if self.internal.len() > 16 {
+            self.internal.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Queues an install; installs run one at a time (they share the packages dir).
+    fn enqueue_install(&mut self, id: Arc<str>, packages: Vec<String>, blocking: bool) {
+        if self.installer.is_none() {
+            let message = InstallError::Backend("this backend cannot install packages".into());
+            self.emit(
+                Some(id.clone()),
+                EventKind::Install(InstallEvent::Failed {
+                    message: message.to_string(),
+                }),
+            );
+            self.emit(
+                Some(id),
+                EventKind::Install(InstallEvent::Done {
+                    error: Some(message.to_string()),
+                }),
+            );
+            return;
+        }
+        if blocking {
+            self.blocking_installs += 1;
+        }
+        self.installs.push_back((id, packages, blocking));
+        self.start_install();
+    }
+
+    /// Starts the next queued install when none runs.
+    fn start_install(&mut self) {
+        if self.install_running.is_some() {
+            return;
+        }
+        let Some(installer) = self.installer.clone() else {
+            return;
+        };
+        let Some((id, packages, blocking)) = self.installs.pop_front() else {
+            return;
+        };
+        self.emit(
+            Some(id.clone()),
+            EventKind::Install(InstallEvent::Started {
+                packages: packages.clone(),
+            }),
+        );
+        let updates = self.install_tx.clone();
+        let task_id = id.clone();
+        let task = tokio::spawn(async move {
+            let (lines_tx, mut lines_rx) = mpsc::channel::<String>(256);
+            let install = installer.install(&packages, lines_tx);
+            let forward = async {
+                while let Some(line) = lines_rx.recv().await {
+                    let _ = updates
+                        .send(InstallUpdate::Output(task_id.clone(), line))
+                        .await;
+                }
+            };
+            let (result, ()) = tokio::join!(install, forward);
+            let _ = updates.send(InstallUpdate::Done(task_id, result)).await;
+        });
+        self.install_running = Some((id, blocking, task));
+    }
+
+    async fn on_install_update(&mut self, update: InstallUpdate) {
+        match update {
+            InstallUpdate::Output(id, line) => {
+                self.emit(Some(id), EventKind::Install(InstallEvent::Output { line }));
+            }
+            InstallUpdate::Done(id, result) => {
+                if let Some((_, blocking, _)) = self.install_running.take()
+                    && blocking
+                {
+                    self.blocking_installs = self.blocking_installs.saturating_sub(1);
+                }
+                let error = match result {
+                    Ok(()) => {
+                        self.refresh_imports = true;
+                        // Now, so Jupyter clients' requests see the packages too (the kernel
+                        // runs it after the cell it may be running).
+                        if let Err(e) = self.refresh_imports().await {
+                            tracing::debug!(session = %self.id, error = %e, "cannot refresh import caches");
+                        }
+                        None
+                    }
+                    Err(err) => {
+                        tracing::info!(session = %self.id, %err, "package install failed");
+                        let message = err.to_string();
+                        self.emit(
+                            Some(id.clone()),
+                            EventKind::Install(InstallEvent::Failed {
+                                message: message.clone(),
+                            }),
+                        );
+                        Some(message)
+                    }
+                };
+                self.emit(Some(id), EventKind::Install(InstallEvent::Done { error }));
+                self.start_install();
+            }
         }
     }
 
@@ -314,6 +503,11 @@ impl Actor {
     /// While the kernel is starting or restarting, messages wait (bounded) and go once it is
     /// ready, as a Jupyter client expects of a kernel it just started.
     async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>) {
+        if channel == Channel::Shell
+            && let Err(e) = self.refresh_imports().await
+        {
+            tracing::debug!(session = %self.id, error = %e, "cannot refresh import caches");
+        }
         let Some(client) = &self.client else {
             let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
             if waiting && self.forwards.len() < self.opts.max_queue {
@@ -441,6 +635,12 @@ impl Actor {
     async fn on_message(&mut self, channel: Channel, msg: Message) {
         self.update_status(|s| s.last_activity = Utc::now());
         let parent = msg.parent_id().map(str::to_owned);
+        if parent
+            .as_ref()
+            .is_some_and(|p| self.internal.iter().any(|i| i == p))
+        {
+            return;
+        }
         let is_running =
             |r: &Option<Running>| matches!((r, &parent), (Some(r), Some(p)) if &r.msg_id == p);
 
@@ -479,8 +679,10 @@ impl Actor {
                     .and_then(Value::as_str)
                     .unwrap_or("error");
                 let count = msg.content.get("execution_count").and_then(Value::as_i64);
+                let files = changed_files::from_reply(&msg.content);
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
+                    r.files = files;
                 }
             }
             (Channel::IoPub, "status") if running => {
@@ -585,6 +787,7 @@ impl Actor {
                 status,
                 execution_count: count,
                 duration_ms: millis(r.started.elapsed()),
+                files: r.files,
             },
         );
         self.set_state(KernelState::Idle, None);
@@ -662,6 +865,7 @@ impl Actor {
                     status: "timeout",
                     execution_count: None,
                     duration_ms: millis(r.started.elapsed()),
+                    files: None,
                 },
             );
             self.restart().await;
@@ -689,6 +893,7 @@ impl Actor {
                     status,
                     execution_count: None,
                     duration_ms,
+                    files: None,
                 },
             );
         }
@@ -699,6 +904,7 @@ impl Actor {
                     status,
                     execution_count: None,
                     duration_ms: 0,
+                    files: None,
                 },
             );
         }
@@ -734,6 +940,7 @@ impl Actor {
             status: "rejected",
             execution_count: None,
             duration_ms: 0,
+            files: None,
         };
         self.emit(Some(cell), done);
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::changed_files::ChangedFile;
 use crate::kernel::{Channel, Message};
 
 /// Lifecycle states of a session's kernel.
@@ -75,6 +76,9 @@ pub enum EventKind {
         execution_count: Option<i64>,
         /// Wall time from sending the cell to its completion.
         duration_ms: u64,
+        /// Files under `output/` the cell created or changed (`None`: not known, e.g. the cell
+        /// failed or the kernel is not Python).
+        files: Option<Vec<ChangedFile>>,
     },
     /// The kernel's lifecycle changed.
     State {
@@ -90,9 +94,36 @@ pub enum EventKind {
         /// What happened, for the client.
         message: String,
     },
+    /// Progress of a package install (the event's id is the install's).
+    Install(InstallEvent),
     /// A request could not be carried out (e.g. the kernel is dead, the queue is full).
     Rejected {
         /// What was wrong, for the client.
         message: String,
+    },
+}
+
+/// The phases of a package install.
+#[derive(Debug, Clone)]
+pub enum InstallEvent {
+    /// pip started for these packages.
+    Started {
+        /// The requirements being installed.
+        packages: Vec<String>,
+    },
+    /// One line of pip's output (stdout and stderr).
+    Output {
+        /// The line, without its newline.
+        line: String,
+    },
+    /// The install failed (sent just before its `Done`), with what went wrong.
+    Failed {
+        /// pip's error lines, or why pip could not run.
+        message: String,
+    },
+    /// The install finished: successfully when `error` is `None`.
+    Done {
+        /// What went wrong (pip's own error lines when pip failed).
+        error: Option<String>,
     },
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use super::events::{EventKind, SessionEvent};
+use super::events::{EventKind, InstallEvent, SessionEvent};
 
 /// A subscription: what was missed since the client's last seen event, then the live stream.
 pub struct Subscription {
@@ -149,6 +149,14 @@ fn estimated_size(event: &SessionEvent) -> usize {
         }
         EventKind::Rejected { message } | EventKind::Limit { message, .. } => BASE + message.len(),
         EventKind::State { reason, .. } => BASE + reason.as_ref().map_or(0, String::len),
+        EventKind::Install(install) => {
+            BASE + match install {
+                InstallEvent::Started { packages } => packages.iter().map(String::len).sum(),
+                InstallEvent::Output { line } => line.len(),
+                InstallEvent::Failed { message } => message.len(),
+                InstallEvent::Done { error } => error.as_ref().map_or(0, String::len),
+            }
+        }
         EventKind::Accepted { .. } | EventKind::Done { .. } => BASE,
     }
 }

@@ -10,6 +10,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::events::{KernelState, SessionEvent};
 use super::fanout::{Fanout, Subscription};
 use crate::kernel::{Channel, Message};
+use crate::sandbox::files::{
+    ByteStream, Download, FileEntry, FilesError, Listing, SessionFiles, WorkPath,
+};
 
 /// A cell to run.
 #[derive(Debug, Clone)]
@@ -56,6 +59,11 @@ pub(crate) enum Command {
         msg: Box<Message>,
         origin: Arc<str>,
     },
+    Install {
+        id: Arc<str>,
+        packages: Vec<String>,
+        blocking: bool,
+    },
     Close(oneshot::Sender<()>),
     /// Stop the actor but leave the kernel running, for the next server process to adopt.
     Detach(oneshot::Sender<()>),
@@ -82,6 +90,12 @@ pub enum SessionError {
     /// The session could not be recorded in (or forgotten by) the session store.
     #[error("the session store failed: {0}")]
     Store(#[from] super::store::StoreError),
+    /// A file operation failed.
+    #[error(transparent)]
+    Files(#[from] crate::sandbox::FilesError),
+    /// A package install was refused.
+    #[error(transparent)]
+    Install(#[from] crate::sandbox::InstallError),
 }
 
 /// A point-in-time view of a session, for listings.
@@ -128,9 +142,46 @@ pub struct Session {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) fanout: Arc<Fanout>,
     pub(crate) status: Arc<Mutex<Status>>,
+    /// The working directory's files, when the sandbox offers access.
+    pub(crate) files: Option<Arc<dyn SessionFiles>>,
+    /// Whether the operator lets sessions install packages.
+    pub(crate) installs_allowed: bool,
 }
 
 impl Session {
+    fn files(&self) -> Result<&Arc<dyn SessionFiles>, SessionError> {
+        self.files
+            .as_ref()
+            .ok_or(SessionError::Files(FilesError::Unsupported))
+    }
+
+    /// The entries of directory `dir` of the session's working directory (usable whatever the
+    /// kernel is doing).
+    pub async fn list_files(&self, dir: &WorkPath) -> Result<Listing, SessionError> {
+        Ok(self.files()?.list(dir).await?)
+    }
+
+    /// Opens file `path` of the working directory for download.
+    pub async fn read_file(&self, path: &WorkPath) -> Result<Download, SessionError> {
+        Ok(self.files()?.read(path).await?)
+    }
+
+    /// Creates or replaces file `path` of the working directory with `body` (at most `limit`
+    /// bytes).
+    pub async fn write_file(
+        &self,
+        path: &WorkPath,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<FileEntry, SessionError> {
+        Ok(self.files()?.write(path, body, limit).await?)
+    }
+
+    /// Removes file or directory `path` of the working directory.
+    pub async fn delete_file(&self, path: &WorkPath) -> Result<(), SessionError> {
+        Ok(self.files()?.delete(path).await?)
+    }
+
     /// The session id.
     pub fn id(&self) -> &str {
         &self.id
@@ -209,6 +260,41 @@ impl Session {
     /// Asks the kernel for documentation of the object at the cursor.
     pub fn inspect(&self, query: CodeQuery) -> Result<(), SessionError> {
         self.send(Command::Inspect(query))
+    }
+
+    /// Installs `packages` (pip requirements) into the session's own environment. Progress
+    /// comes as `Install` events tagged with `id`; cells keep running meanwhile. Refused at once
+    /// when the operator disabled installs or a requirement is not a plain package name.
+    pub fn install(&self, id: Arc<str>, packages: Vec<String>) -> Result<(), SessionError> {
+        self.check_install(&packages)?;
+        self.send(Command::Install {
+            id,
+            packages,
+            blocking: false,
+        })
+    }
+
+    /// Like [`install`](Self::install), but cells queued after it wait until it finished (the
+    /// packages a session was created with).
+    pub(crate) fn install_before_cells(
+        &self,
+        id: Arc<str>,
+        packages: Vec<String>,
+    ) -> Result<(), SessionError> {
+        self.check_install(&packages)?;
+        self.send(Command::Install {
+            id,
+            packages,
+            blocking: true,
+        })
+    }
+
+    fn check_install(&self, packages: &[String]) -> Result<(), SessionError> {
+        if !self.installs_allowed {
+            return Err(crate::sandbox::InstallError::Disabled.into());
+        }
+        crate::sandbox::packages::validate(packages)?;
+        Ok(())
     }
 
     /// Stops the kernel and removes its sandbox; waits until that is done.

@@ -33,7 +33,13 @@ pub struct CreateSession {
     pub owner: Option<Arc<str>>,
     /// Most sessions `owner` may hold at once.
     pub owner_limit: Option<usize>,
+    /// Packages to install before the first cell runs (progress as `Install` events with id
+    /// [`CREATE_INSTALL_ID`]).
+    pub packages: Vec<String>,
 }
+
+/// The id of the install a session was created with.
+pub const CREATE_INSTALL_ID: &str = "packages";
 
 /// The kernelspec name of sessions that ask for no other.
 pub const DEFAULT_KERNEL_NAME: &str = "python3";
@@ -219,6 +225,12 @@ impl SessionManager {
                 self.options.max_sessions
             )));
         }
+        if !request.packages.is_empty() {
+            if !self.sandbox.installs_packages() {
+                return Err(crate::sandbox::InstallError::Disabled.into());
+            }
+            crate::sandbox::packages::validate(&request.packages)?;
+        }
         // Only plain sessions can take a pooled kernel: the pool's kernels have no network and
         // no extra environment.
         if let (Some(owner), Some(limit)) = (&request.owner, request.owner_limit) {
@@ -281,7 +293,17 @@ impl SessionManager {
                 return Err(err.into());
             }
         }
-        Ok(self.spawn(kernel, kernel_name, request.owner, created, 0))
+        let session = self.spawn(kernel, kernel_name, request.owner, created, 0);
+        if !request.packages.is_empty()
+            && let Err(err) =
+                session.install_before_cells(CREATE_INSTALL_ID.into(), request.packages)
+        {
+            // Checked above, so only an overloaded or closed actor gets here: do not leave a
+            // session behind that the client was told failed.
+            let _ = self.remove(session.id()).await;
+            return Err(err);
+        }
+        Ok(session)
     }
 
     fn spawn(
@@ -306,6 +328,8 @@ impl SessionManager {
             queued: 0,
         }));
         let session = Arc::new(Session {
+            files: kernel.process.files(),
+            installs_allowed: self.sandbox.installs_packages(),
             id: id.clone(),
             created,
             kernel_name,

@@ -2,6 +2,7 @@
 //! lifecycle. The [`SessionManager`] holds them all; each runs as one actor task.
 
 mod actor;
+pub mod changed_files;
 pub mod events;
 mod fanout;
 mod handle;
@@ -13,10 +14,15 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-pub use events::{EventKind, KernelState, SessionEvent};
+/// File types the session's file methods take and give (defined by the sandbox layer).
+pub use crate::sandbox::files::{
+    ByteStream, Download, FileEntry, FilesError, Listing, MAX_LIST_ENTRIES, WorkPath,
+};
+pub use changed_files::ChangedFile;
+pub use events::{EventKind, InstallEvent, KernelState, SessionEvent};
 pub use fanout::{ReplayLimits, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
-pub use manager::{CreateSession, SessionManager, Startup};
+pub use manager::{CREATE_INSTALL_ID, CreateSession, SessionManager, Startup};
 pub use store::{SessionStore, StoreError, StoredSession};
 
 use crate::kernel::{ClientOptions, Incoming, KernelClient};

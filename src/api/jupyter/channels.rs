@@ -368,6 +368,9 @@ fn render<'a>(
                 json!({"name": "stderr", "text": format!("[kernelbox] {message}\n")}),
             )),
         )),
-        EventKind::Accepted { .. } | EventKind::Done { .. } | EventKind::Rejected { .. } => None,
+        EventKind::Accepted { .. }
+        | EventKind::Done { .. }
+        | EventKind::Rejected { .. }
+        | EventKind::Install(_) => None,
     }
 }

@@ -262,6 +262,10 @@ fn handle_text(session: &Session, text: &str) -> Option<String> {
             };
             (Some(id), session.inspect(query))
         }
+        ClientMessage::Install { id, packages } => {
+            let id: Arc<str> = id.unwrap_or_else(new_id).into();
+            (Some(id.clone()), session.install(id, packages))
+        }
     };
     result
         .err()

@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::session::KernelState;
+use crate::session::{ChangedFile, KernelState};
 
 /// A message from a client to the server.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -59,6 +59,16 @@ pub enum ClientMessage {
         id: Option<String>,
         /// The code typed so far.
         code: String,
+    },
+    /// Install Python packages into the session's own environment (if the operator allows
+    /// installs). Progress comes as `install_started`, `install_output` and `install_done`
+    /// events with this `id`; cells keep running meanwhile.
+    Install {
+        /// The client's id for the install, echoed on its events (generated when absent).
+        #[serde(default)]
+        id: Option<String>,
+        /// pip requirements: names with optional `[extras]` and version specifiers.
+        packages: Vec<String>,
     },
     /// Ask for documentation of the object at `cursor`.
     Inspect {
@@ -171,6 +181,11 @@ pub enum ServerEvent<'a> {
         execution_count: Option<i64>,
         /// Time from start to finish.
         duration_ms: u64,
+        /// Files under `output/` (in the working directory) the cell created or changed, when
+        /// known (cells that succeed, Python kernels); fetch them with
+        /// `GET /v1/sessions/{id}/files/{path}`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        files: Option<&'a [ChangedFile]>,
     },
     /// The session's kernel changed state.
     Kernel {
@@ -179,6 +194,26 @@ pub enum ServerEvent<'a> {
         /// Why (for `dead`: `out of memory`, `exited with code N`, `heartbeat lost`).
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<&'a str>,
+    },
+    /// A package install started (`id`: the install's; `packages` for the ones a session was
+    /// created with).
+    InstallStarted {
+        /// The requirements being installed.
+        packages: &'a [String],
+    },
+    /// One line of pip's output.
+    InstallOutput {
+        /// The line.
+        text: &'a str,
+    },
+    /// A package install finished; on failure an `error` event (`ename` `InstallError`) with
+    /// the same message came just before.
+    InstallDone {
+        /// `ok` or `error`.
+        status: &'a str,
+        /// What went wrong (pip's error lines), for `error`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
     },
     /// Sent first on a connection that resumed with `?since=N`: the buffered events after `N`
     /// follow (`replayed` of them), then live ones. `dropped` events after `N` were no longer

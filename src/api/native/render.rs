@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use super::protocol::{ServerEvent, ServerMessage};
 use crate::kernel::Channel;
-use crate::session::{EventKind, SessionEvent};
+use crate::session::{EventKind, InstallEvent, SessionEvent};
 
 static NULL: Value = Value::Null;
 
@@ -28,7 +28,9 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             status,
             execution_count,
             duration_ms,
+            files,
         } => ServerEvent::Done {
+            files: files.as_deref(),
             status,
             execution_count: *execution_count,
             duration_ms: *duration_ms,
@@ -41,6 +43,19 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             ename: limit,
             evalue: message,
             traceback: &EMPTY_LIST,
+        },
+        EventKind::Install(install) => match install {
+            InstallEvent::Started { packages } => ServerEvent::InstallStarted { packages },
+            InstallEvent::Output { line } => ServerEvent::InstallOutput { text: line },
+            InstallEvent::Failed { message } => ServerEvent::Error {
+                ename: "InstallError",
+                evalue: message,
+                traceback: &EMPTY_LIST,
+            },
+            InstallEvent::Done { error } => ServerEvent::InstallDone {
+                status: if error.is_some() { "error" } else { "ok" },
+                message: error.as_deref(),
+            },
         },
         EventKind::Rejected { message } => ServerEvent::Error {
             ename: "Rejected",

@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use super::image::default_image_tag;
+use crate::sandbox::packages::PackagePolicy;
 
 const MIB: i64 = 1024 * 1024;
 
@@ -82,6 +83,8 @@ pub struct DockerConfig {
     pub instance_id: Option<String>,
     /// How the server reaches the kernel. Default [`KernelTransport::Ipc`].
     pub transport: KernelTransport,
+    /// Whether and how sessions may install packages. Default: they may not.
+    pub packages: PackagePolicy,
 }
 
 impl Default for DockerConfig {
@@ -103,6 +106,7 @@ impl Default for DockerConfig {
             state_dir: default_state_dir(),
             instance_id: None,
             transport: KernelTransport::default(),
+            packages: PackagePolicy::default(),
         }
     }
 }

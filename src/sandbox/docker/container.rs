@@ -28,6 +28,8 @@ use super::{
 };
 use crate::kernel::connection::Transport;
 use crate::kernel::{Channel, ConnectionInfo};
+use crate::sandbox::files::{HostFiles, SessionFiles};
+use crate::sandbox::packages::{PACKAGES_DIR, PackageInstaller};
 use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, PersistedKernel, SandboxError};
 
 /// `kernelbox.role` of kernel containers.
@@ -39,7 +41,7 @@ const CONTAINER_IPC_DIR: &str = "/run/kernelbox";
 /// The connection file's name in the ipc dir.
 const CONNECTION_FILE: &str = "kernel.json";
 /// The kernel's working directory (the image's WORKDIR).
-const CONTAINER_WORK_DIR: &str = "/home/kernel/work";
+pub(super) const CONTAINER_WORK_DIR: &str = "/home/kernel/work";
 /// Container-side ports of the kernel's channels with the tcp transport.
 const TCP_PORTS: [u16; 5] = [5555, 5556, 5557, 5558, 5559];
 
@@ -76,6 +78,10 @@ pub struct DockerKernel {
     body: ContainerCreateBody,
     keeper_id: Option<String>,
     volume: Option<String>,
+    /// The working dir's files (through the keeper, or the host dir).
+    files: Arc<dyn SessionFiles>,
+    /// Installs packages into the working dir.
+    installer: Arc<dyn PackageInstaller>,
     state: Arc<watch::Sender<RunState>>,
     run: Mutex<Run>,
 }
@@ -196,8 +202,18 @@ pub(super) async fn adopt(
         exit: None,
     }));
     let watcher = spawn_watcher(docker.clone(), container_id.clone(), 0, state.clone());
+    let dirs = shared.state.session(session);
+    let (files, installer) = working_dir_access(
+        &shared,
+        session,
+        &dirs,
+        details.keeper_id.as_deref(),
+        details.volume.as_deref(),
+    );
     Ok(DockerKernel {
-        dirs: shared.state.session(session),
+        files,
+        installer,
+        dirs,
         shared: shared.clone(),
         session_id: session.clone(),
         connection: kernel.connection.clone(),
@@ -212,6 +228,48 @@ pub(super) async fn adopt(
             shut_down: false,
         }),
     })
+}
+
+/// How the server reaches a session's working dir: its files (through the keeper, or the host
+/// dir) and the package installer that writes into it.
+fn working_dir_access(
+    shared: &Arc<Shared>,
+    session_id: &str,
+    dirs: &SessionDirs,
+    keeper_id: Option<&str>,
+    volume: Option<&str>,
+) -> (Arc<dyn SessionFiles>, Arc<dyn PackageInstaller>) {
+    let config = &shared.config;
+    let docker = &shared.docker;
+    let files: Arc<dyn SessionFiles> = match keeper_id {
+        Some(keeper) => {
+            super::files::keeper_files(docker.clone(), keeper.to_owned(), config.uid, config.gid)
+        }
+        None => Arc::new(HostFiles::new(
+            dirs.work.clone(),
+            Some((config.uid, config.gid)),
+        )),
+    };
+    let work_mount = match volume {
+        Some(name) => Mount {
+            target: Some(CONTAINER_WORK_DIR.to_owned()),
+            source: Some(name.to_owned()),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        },
+        None => Mount {
+            target: Some(CONTAINER_WORK_DIR.to_owned()),
+            source: Some(dirs.work.to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            ..Default::default()
+        },
+    };
+    let installer = Arc::new(super::packages::DockerInstaller {
+        shared: shared.clone(),
+        session_id: session_id.to_owned(),
+        work_mount,
+    });
+    (files, installer)
 }
 
 /// The kernel container of `session` of this instance, found by its labels (running or not).
@@ -510,7 +568,15 @@ async fn launch_inner(
         exit: None,
     }));
     let watcher = spawn_watcher(docker.clone(), id.clone(), 0, state.clone());
+    let (files, installer) = working_dir_access(
+        shared,
+        &spec.session_id,
+        dirs,
+        keeper_id.as_deref(),
+        volume.as_deref(),
+    );
     Ok(DockerKernel {
+        installer,
         shared: shared.clone(),
         session_id: spec.session_id.clone(),
         dirs: dirs.clone(),
@@ -519,6 +585,7 @@ async fn launch_inner(
         body,
         keeper_id,
         volume,
+        files,
         state,
         run: Mutex::new(Run {
             container_id: id,
@@ -543,9 +610,14 @@ fn kernel_body(
     let tcp = matches!(config.transport, KernelTransport::Tcp { .. });
     // Without PYDEVD_DISABLE_FILE_VALIDATION, debugpy warns about frozen modules on stderr (and
     // so on iopub) at every kernel start.
-    let env = std::iter::once("PYDEVD_DISABLE_FILE_VALIDATION=1".to_owned())
-        .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
-        .collect();
+    // PYTHONPATH: the session's own packages (installed with `pip install --target`).
+    let env = [
+        "PYDEVD_DISABLE_FILE_VALIDATION=1".to_owned(),
+        format!("PYTHONPATH={CONTAINER_WORK_DIR}/{PACKAGES_DIR}"),
+    ]
+    .into_iter()
+    .chain(spec.env.iter().map(|(k, v)| format!("{k}={v}")))
+    .collect();
     let port_bindings = tcp.then(|| {
         TCP_PORTS
             .iter()
@@ -612,8 +684,9 @@ fn kernel_body(
     }
 }
 
-/// The keeper: an idle `sleep` holding the working-dir volume mounted (read-only), as locked
-/// down as the kernel and tiny.
+/// The keeper: an idle `sleep` holding the working-dir volume mounted, as locked down as the
+/// kernel and tiny. The files API works on the volume through it (archive API, short execs),
+/// so the mount is writable and a few processes are allowed besides tini and sleep.
 fn keeper_body(
     shared: &Shared,
     volume: &str,
@@ -634,16 +707,15 @@ fn keeper_body(
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
             readonly_rootfs: Some(true),
             mounts: Some(vec![Mount {
-                target: Some("/keep".to_owned()),
+                target: Some(super::files::KEEP_DIR.to_owned()),
                 source: Some(volume.to_owned()),
                 typ: Some(MountType::VOLUME),
-                read_only: Some(true),
                 ..Default::default()
             }]),
             memory: Some(KEEPER_MEMORY),
             memory_swap: Some(KEEPER_MEMORY),
             nano_cpus: Some(50_000_000),
-            pids_limit: Some(8),
+            pids_limit: Some(32),
             init: Some(false),
             log_config: Some(small_log()),
             ..Default::default()
@@ -654,7 +726,7 @@ fn keeper_body(
 
 /// Container logs (the kernel's own stdout/stderr, not cell output) capped at 1 MB, so a
 /// kernel cannot fill the engine's disk through them.
-fn small_log() -> HostConfigLogConfig {
+pub(super) fn small_log() -> HostConfigLogConfig {
     HostConfigLogConfig {
         typ: Some("json-file".to_owned()),
         config: Some(HashMap::from([
@@ -910,6 +982,18 @@ impl KernelProcess for DockerKernel {
         result
     }
 
+    fn files(&self) -> Option<Arc<dyn SessionFiles>> {
+        Some(self.files.clone())
+    }
+
+    fn kernel_work_dir(&self) -> Option<String> {
+        Some(CONTAINER_WORK_DIR.to_owned())
+    }
+
+    fn packages(&self) -> Option<Arc<dyn PackageInstaller>> {
+        Some(self.installer.clone())
+    }
+
     async fn shutdown(&self) -> Result<(), SandboxError> {
         let mut run = self.run.lock().await;
         if run.shut_down {
@@ -927,6 +1011,8 @@ impl KernelProcess for DockerKernel {
         if let Some(keeper) = &self.keeper_id {
             remove_container(docker, keeper).await?;
         }
+        // An install still running holds the working dir too.
+        self.remove_installers().await;
         if let Some(volume) = &self.volume {
             remove_volume(docker, volume).await?;
         }
@@ -992,6 +1078,34 @@ impl KernelProcess for DockerKernel {
 }
 
 impl DockerKernel {
+    /// Removes this session's installer containers (best effort).
+    async fn remove_installers(&self) {
+        let docker = &self.shared.docker;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_INSTANCE}={}", self.shared.instance_id),
+                format!("{LABEL_SESSION}={}", self.session_id),
+                format!("{LABEL_ROLE}={}", super::packages::ROLE_INSTALLER),
+            ],
+        )]);
+        let options = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        match docker.list_containers(Some(options)).await {
+            Ok(containers) => {
+                for id in containers.into_iter().filter_map(|c| c.id) {
+                    if let Err(err) = remove_container(docker, &id).await {
+                        tracing::warn!(%err, "cannot remove an installer container");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cannot list installer containers"),
+        }
+    }
+
     /// Kills the current run and starts the container again (same mounts, so the working dir
     /// and connection info stay); recreates the container if it was removed from outside.
     async fn restart_container(&self, run: &mut Run) -> Result<(), SandboxError> {

@@ -8,7 +8,9 @@
 
 mod config;
 mod container;
+mod files;
 mod image;
+mod packages;
 mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -160,6 +162,10 @@ async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
 impl Sandbox for DockerSandbox {
     fn name(&self) -> &'static str {
         BACKEND
+    }
+
+    fn installs_packages(&self) -> bool {
+        self.shared.config.packages.allow
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {

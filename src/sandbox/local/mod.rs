@@ -14,6 +14,10 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::files::{HostFiles, SessionFiles};
+use super::packages::{
+    InstallError, PACKAGES_DIR, PackageInstaller, PackagePolicy, lines, pip_args, pip_error,
+};
 use super::{CONNECTION_FILE_ARG, ExitReason, KernelProcess, LaunchSpec, Sandbox, SandboxError};
 use crate::kernel::ConnectionInfo;
 
@@ -21,6 +25,7 @@ use crate::kernel::ConnectionInfo;
 pub struct LocalSandbox {
     python: PathBuf,
     state_dir: PathBuf,
+    packages: PackagePolicy,
 }
 
 impl LocalSandbox {
@@ -34,7 +39,18 @@ impl LocalSandbox {
                 hint: "Run `kernelbox setup` or pass --python.".into(),
             });
         }
-        Ok(Self { python, state_dir })
+        Ok(Self {
+            python,
+            state_dir,
+            packages: PackagePolicy::default(),
+        })
+    }
+
+    /// The same backend with another package policy (installs run the host's pip, with the
+    /// host's network; `network` is ignored).
+    pub fn with_packages(mut self, policy: PackagePolicy) -> Self {
+        self.packages = policy;
+        self
     }
 }
 
@@ -42,6 +58,10 @@ impl LocalSandbox {
 impl Sandbox for LocalSandbox {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn installs_packages(&self) -> bool {
+        self.packages.allow
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {
@@ -71,6 +91,7 @@ impl Sandbox for LocalSandbox {
             info,
             env: spec.env.clone().into_iter().collect(),
             argv: spec.kernel.argv.clone(),
+            packages: self.packages.clone(),
             run: Mutex::new(None),
         };
         process.start()?;
@@ -94,6 +115,7 @@ struct LocalKernel {
     env: Vec<(String, String)>,
     /// A kernelspec's own command (`{connection_file}` placeholders); empty: ipykernel.
     argv: Vec<String>,
+    packages: PackagePolicy,
     run: Mutex<Option<Run>>,
 }
 
@@ -122,6 +144,8 @@ impl LocalKernel {
         cmd.current_dir(&self.work)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+            // The session's own packages (installed with `pip install --target`).
+            .env("PYTHONPATH", self.work.join(PACKAGES_DIR))
             // Without it, debugpy warns about frozen modules on stderr at every start.
             .env("PYDEVD_DISABLE_FILE_VALIDATION", "1")
             .stdin(Stdio::null())
@@ -231,6 +255,22 @@ impl KernelProcess for LocalKernel {
         self.start()
     }
 
+    fn files(&self) -> Option<std::sync::Arc<dyn SessionFiles>> {
+        Some(std::sync::Arc::new(HostFiles::new(self.work.clone(), None)))
+    }
+
+    fn kernel_work_dir(&self) -> Option<String> {
+        Some(self.work.to_string_lossy().into_owned())
+    }
+
+    fn packages(&self) -> Option<std::sync::Arc<dyn PackageInstaller>> {
+        Some(std::sync::Arc::new(LocalInstaller {
+            python: self.python.clone(),
+            target: self.work.join(PACKAGES_DIR),
+            policy: self.packages.clone(),
+        }))
+    }
+
     async fn shutdown(&self) -> Result<(), SandboxError> {
         self.kill().await;
         if let Ok(mut run) = self.run.lock() {
@@ -267,6 +307,99 @@ impl Drop for LocalKernel {
             && exit.borrow().is_none()
         {
             let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Installs packages for a local kernel with the host's pip (and network).
+#[derive(Debug)]
+struct LocalInstaller {
+    python: PathBuf,
+    target: PathBuf,
+    policy: PackagePolicy,
+}
+
+#[async_trait]
+impl PackageInstaller for LocalInstaller {
+    async fn install(
+        &self,
+        packages: &[String],
+        progress: tokio::sync::mpsc::Sender<String>,
+    ) -> Result<(), InstallError> {
+        use tokio::io::AsyncReadExt;
+        if !self.policy.allow {
+            return Err(InstallError::Disabled);
+        }
+        let target = self.target.to_string_lossy();
+        let mut cmd = Command::new(&self.python);
+        cmd.arg("-m")
+            .arg("pip")
+            .args(pip_args(&self.policy, &target, packages))
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(ca) = &self.policy.ca_bundle {
+            cmd.env("PIP_CERT", ca);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| InstallError::Backend(format!("cannot run pip: {e}")))?;
+        // Both pipes feed one channel of lines, in the order they come.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+        let pipes: Vec<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = [
+            child.stdout.take().map(|p| Box::new(p) as _),
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for mut pipe in pipes {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    for line in lines(&mut pending, &buf[..n]) {
+                        let _ = tx.send(line).await;
+                    }
+                }
+                if !pending.is_empty() {
+                    let _ = tx
+                        .send(String::from_utf8_lossy(&pending).into_owned())
+                        .await;
+                }
+            });
+        }
+        drop(tx);
+        let run = async {
+            let mut output = Vec::new();
+            while let Some(line) = rx.recv().await {
+                let _ = progress.send(line.clone()).await;
+                if output.len() < 1000 {
+                    output.push(line);
+                }
+            }
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| InstallError::Backend(format!("waiting for pip: {e}")))?;
+            Ok::<_, InstallError>((status, output))
+        };
+        let (status, output) = tokio::time::timeout(self.policy.timeout, run)
+            .await
+            .map_err(|_| InstallError::Timeout(self.policy.timeout))??;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(InstallError::Failed {
+                code: status.code().map_or(-1, i64::from),
+                message: pip_error(&output),
+            })
         }
     }
 }
