@@ -22,14 +22,17 @@ from .errors import (
     KernelboxError,
     KernelDiedError,
     NetworkError,
+    SandboxFileNotFoundError,
     ServerError,
     SessionNotFoundError,
 )
+from .files import AsyncFiles, Files
 from .models import (
     Completeness,
     Completion,
     Execution,
     ExecutionError,
+    FileInfo,
     InputRequest,
     Inspection,
     Logs,
@@ -41,6 +44,7 @@ from .sandbox import Sandbox
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncFiles",
     "AsyncSandbox",
     "AuthenticationError",
     "Completeness",
@@ -49,6 +53,8 @@ __all__ = [
     "ExecutionAbortedError",
     "ExecutionError",
     "ExecutionTimeoutError",
+    "FileInfo",
+    "Files",
     "InputRequest",
     "InputRequiredError",
     "Inspection",
@@ -58,6 +64,7 @@ __all__ = [
     "NetworkError",
     "Result",
     "Sandbox",
+    "SandboxFileNotFoundError",
     "ServerError",
     "SessionInfo",
     "SessionNotFoundError",

@@ -17,7 +17,7 @@ from .errors import (
     KernelDiedError,
     ServerError,
 )
-from .models import Execution, ExecutionError, InputRequest, Result
+from .models import Execution, ExecutionError, FileInfo, InputRequest, Result
 
 T = TypeVar("T")
 
@@ -179,6 +179,9 @@ class CellRun(Generic[T]):
             ex.execution_count = count
         if isinstance(duration, int):
             ex.duration_ms = duration
+        files = event.get("files")
+        if isinstance(files, list):
+            ex.files = [FileInfo.from_json(f) for f in files if isinstance(f, dict)]
         self.finished = True
         return None
 

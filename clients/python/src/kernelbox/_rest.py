@@ -9,7 +9,7 @@ import urllib.request
 from typing import Any
 
 from .errors import NetworkError, ServerError, error_for_status
-from .models import SessionInfo
+from .models import FileInfo, SessionInfo
 
 
 class RestClient:
@@ -41,27 +41,64 @@ class RestClient:
         """``DELETE /v1/sessions/{id}``."""
         self._request("DELETE", _session_path(session_id))
 
+    def list_files(self, session_id: str, path: str) -> list[FileInfo]:
+        """``GET /v1/sessions/{id}/files?path=``."""
+        query = "?" + urllib.parse.urlencode({"path": path}) if path else ""
+        body = self._request("GET", _session_path(session_id) + "/files" + query)
+        entries = body.get("entries", []) if isinstance(body, dict) else []
+        return [FileInfo.from_json(e) for e in entries if isinstance(e, dict)]
+
+    def read_file(self, session_id: str, path: str) -> bytes:
+        """``GET /v1/sessions/{id}/files/{path}``."""
+        return self._send("GET", _file_path(session_id, path), None, "application/octet-stream")
+
+    def write_file(self, session_id: str, path: str, data: bytes) -> FileInfo:
+        """``PUT /v1/sessions/{id}/files/{path}``."""
+        raw = self._send("PUT", _file_path(session_id, path), data, "application/octet-stream")
+        body = json.loads(raw) if raw.strip() else {}
+        return FileInfo.from_json(body if isinstance(body, dict) else {})
+
+    def delete_file(self, session_id: str, path: str) -> None:
+        """``DELETE /v1/sessions/{id}/files/{path}``."""
+        self._send("DELETE", _file_path(session_id, path), None, "application/json")
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self._token}")
-        request.add_header("Accept", "application/json")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            raise error_for_status(e.code, _error_message(e)) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise NetworkError(f"cannot reach kernelbox at {self.base_url}: {reason}") from e
+        raw = self._send(method, path, data, "application/json", json_body=data is not None)
         if not raw.strip():
             return None
         try:
             return json.loads(raw)
         except ValueError:
             raise ServerError(f"{method} {path}: the server's answer is not JSON") from None
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        accept: str,
+        json_body: bool = False,
+    ) -> bytes:
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self._token}")
+        request.add_header("Accept", accept)
+        if data is not None:
+            content_type = "application/json" if json_body else "application/octet-stream"
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                raw: bytes = response.read()
+        except urllib.error.HTTPError as e:
+            raise error_for_status(e.code, _error_message(e)) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise NetworkError(f"cannot reach kernelbox at {self.base_url}: {reason}") from e
+        return raw
+
+
+def _file_path(session_id: str, path: str) -> str:
+    return _session_path(session_id) + "/files/" + urllib.parse.quote(path.lstrip("/"), safe="/")
 
 
 def _session_path(session_id: str) -> str:

@@ -21,6 +21,7 @@ from .errors import (
     KernelboxError,
     SessionNotFoundError,
 )
+from .files import AsyncFiles
 from .models import (
     Completeness,
     Completion,
@@ -56,6 +57,9 @@ class AsyncSandbox:
         self._closed = False
         self.session_id: str = info.id
         """The session's id (give it to :meth:`connect` to reopen the session)."""
+        self.files: AsyncFiles = AsyncFiles(rest, info.id)
+        """The session's working directory: ``await sb.files.write(...)``, ``read``, ``list``,
+        ``remove``."""
 
     @classmethod
     def create(

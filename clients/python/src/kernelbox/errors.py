@@ -46,6 +46,10 @@ class SessionNotFoundError(KernelboxError):
     """The session does not exist: a wrong id, or it was deleted (HTTP 404)."""
 
 
+class SandboxFileNotFoundError(KernelboxError, FileNotFoundError):
+    """No file or directory at that path in the sandbox's working directory (HTTP 404)."""
+
+
 class ServerError(KernelboxError):
     """The server refused a request: ``message`` is what it said was wrong.
 
@@ -113,6 +117,8 @@ def error_for_status(status: int, message: str) -> KernelboxError:
     """The exception for an HTTP error response with ``status`` and the server's ``message``."""
     if status == 401:
         return AuthenticationError(message, status=status)
+    if status == 404 and message.startswith("no such file"):
+        return SandboxFileNotFoundError(message, status=status)
     if status == 404:
         return SessionNotFoundError(message, status=status)
     return ServerError(message, status=status)

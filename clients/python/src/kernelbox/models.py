@@ -159,6 +159,9 @@ class Execution:
     notices: list[str] = field(default_factory=list)
     """What the server said about the cell, e.g. ``"OutputLimit: ... further output is
     dropped"`` or ``"CellTimeout: ... interrupting it"``."""
+    files: list[FileInfo] = field(default_factory=list)
+    """Files under ``output/`` the cell created or changed (read them with
+    ``sandbox.files.read(f.path)``)."""
 
     @property
     def text(self) -> str | None:
@@ -227,6 +230,30 @@ class Inspection:
         """The plain-text documentation, without ANSI colours."""
         value = self.data.get("text/plain")
         return _strip_ansi(value) if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file or directory in a session's working directory."""
+
+    path: str
+    """Path relative to the working directory (what the ``files`` methods take)."""
+    size: int = 0
+    """Size in bytes (0 for directories)."""
+    modified: str = ""
+    """Last modification time (RFC 3339)."""
+    is_dir: bool = False
+    """Whether it is a directory."""
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> FileInfo:
+        """Builds one from the server's JSON (unknown fields are ignored)."""
+        return cls(
+            path=str(body.get("path", "")),
+            size=int(body.get("size") or 0),
+            modified=str(body.get("modified") or ""),
+            is_dir=bool(body.get("is_dir", False)),
+        )
 
 
 @dataclass(frozen=True)

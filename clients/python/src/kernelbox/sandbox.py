@@ -20,6 +20,7 @@ from .errors import (
     KernelboxError,
     SessionNotFoundError,
 )
+from .files import Files
 from .models import (
     Completeness,
     Completion,
@@ -95,6 +96,9 @@ class Sandbox:
             info = self._rest.get_session(session_id)
         self.session_id: str = info.id
         """The session's id (give it to :meth:`connect` to reopen the session)."""
+        self.files: Files = Files(self._rest, info.id)
+        """The session's working directory: ``sb.files.write("data.csv", text)``, ``read``,
+        ``list``, ``remove``."""
         self._connection = SyncConnection(
             url, info.ws_path, token, timeout=request_timeout, reconnect_timeout=reconnect_timeout
         )
