@@ -184,3 +184,85 @@ async fn browser_origins_must_be_the_server_itself_or_allowed() {
     assert_eq!(evil.status(), 403);
     server.stop().await;
 }
+
+/// The server's own log, at debug level, never holds the API token or a session's HMAC key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_log() {
+    let state = common::temp_state_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let token = "log-check-token-0123456789abcdef";
+    let log = state.join("server.log");
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_kernelbox"))
+        .args([
+            "serve",
+            "--backend",
+            "local",
+            "--ephemeral",
+            "--pool-size",
+            "0",
+        ])
+        .arg(format!("--bind=127.0.0.1:{port}"))
+        .env("KERNELBOX_TOKEN", token)
+        .env("KERNELBOX_LOG", "debug")
+        .env("KERNELBOX_STATE_DIR", &state)
+        .env("KERNELBOX_PYTHON", common::python())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the server");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut created = None;
+    for _ in 0..100 {
+        if let Ok(resp) = http
+            .post(format!("{base}/v1/sessions"))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            created = resp.json::<Value>().await.ok();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let id = created
+        .and_then(|c| c["id"].as_str().map(str::to_owned))
+        .expect("a session");
+    let url = format!("ws://127.0.0.1:{port}/v1/sessions/{id}/ws?token={token}");
+    let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+    let mut ws = common::Ws { stream };
+    assert_eq!(ws.run("6 * 7").await.result_text().as_deref(), Some("42"));
+    // A wrong token and a bad frame get logged as what they are, not with their contents.
+    let _ = http
+        .get(format!("{base}/v1/sessions"))
+        .bearer_auth("wrong-token-xyz")
+        .send()
+        .await;
+    let conn: Value = serde_json::from_slice(
+        &std::fs::read(state.join("sessions").join(&id).join("kernel.json"))
+            .expect("connection file"),
+    )
+    .expect("json");
+    let key = conn["key"].as_str().expect("key").to_owned();
+    drop(ws);
+    let _ = http
+        .delete(format!("{base}/v1/sessions/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await;
+    let _ = server.kill().await;
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("DEBUG") || text.contains("INFO"),
+        "the log has lines: {text}"
+    );
+    assert!(!text.contains(token), "the API token is in the log");
+    assert!(
+        !text.contains("wrong-token-xyz"),
+        "a presented token is in the log"
+    );
+    assert!(!text.contains(&key), "a session's HMAC key is in the log");
+}
