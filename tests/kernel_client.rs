@@ -78,8 +78,14 @@ async fn one_plus_one(client: &KernelClient, rx: &mut mpsc::Receiver<Incoming>) 
         .expect("no execute_reply");
     assert_eq!(reply.0, Channel::Shell);
     assert_eq!(reply.1.content["status"], "ok");
-    let last = &msgs.last().unwrap().1;
-    assert_eq!(last.content["execution_state"], "idle");
+    // The last iopub message is the idle status (the shell reply travels on another socket, so
+    // it may come before or after it).
+    let last_iopub = msgs
+        .iter()
+        .rev()
+        .find(|(c, _)| *c == Channel::IoPub)
+        .expect("iopub messages");
+    assert_eq!(last_iopub.1.content["execution_state"], "idle");
 }
 
 #[tokio::test]
