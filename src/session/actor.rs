@@ -218,6 +218,8 @@ impl Actor {
             }
             self.set_state(KernelState::Closed, None);
         }
+        // Subscribers read what is left, then learn the session ended.
+        self.fanout.close();
         if let Some(ack) = close_ack {
             let _ = ack.send(());
         }

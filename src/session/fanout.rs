@@ -1,17 +1,30 @@
-//! Fan-out with replay: every event of a session goes to the live subscribers (a bounded
-//! broadcast channel that never waits on them) and into a bounded replay buffer, so a client
-//! that reconnects after missing events gets them back, in order, exactly once.
-//!
-//! Publishing and subscribing take the same lock, so a subscriber's replayed events and its live
-//! ones meet without a gap and without a duplicate.
+//! Fan-out with replay. Every event of a session goes into one bounded buffer (events and
+//! bytes); each subscriber is a cursor into it, woken when events arrive. A subscriber that
+//! falls behind the buffer's oldest event is told how many it lost (`Lagged`), never slows the
+//! kernel or other subscribers, and memory stays bounded by the buffer whatever the number or
+//! speed of subscribers. A client that reconnects resumes from its last seen sequence number:
+//! it gets what it missed (if still buffered), in order, exactly once, then live events.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 
 use super::events::{EventKind, InstallEvent, SessionEvent};
+
+/// Why [`Subscriber::recv`] returned no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// This many events passed out of the buffer before the subscriber read them; the next
+    /// `recv` returns the oldest event still buffered.
+    #[error("fell behind by {0} events")]
+    Lagged(u64),
+    /// The session ended and every event was read.
+    #[error("the session is closed")]
+    Closed,
+}
 
 /// A subscription: what was missed since the client's last seen event, then the live stream.
 pub struct Subscription {
@@ -20,7 +33,7 @@ pub struct Subscription {
     /// Events after the last seen one that were no longer buffered (the buffer overflowed).
     pub dropped: u64,
     /// Every event from now on.
-    pub live: broadcast::Receiver<Arc<SessionEvent>>,
+    pub live: Subscriber,
     /// Sequence number of the last event before `live` begins (what `missed` ends with, or the
     /// session's latest event when nothing is replayed).
     pub last_seq: u64,
@@ -31,110 +44,168 @@ pub struct Subscription {
 pub struct ReplayLimits {
     /// Most events kept.
     pub events: usize,
-    /// Most bytes (estimated size of the events' content) kept.
+    /// Most bytes (estimated size of the events' content) kept; the newest event is kept even
+    /// when it alone is larger.
     pub bytes: usize,
 }
 
 struct Buffer {
+    /// Events with consecutive sequence numbers, oldest first.
     events: VecDeque<(Arc<SessionEvent>, usize)>,
     bytes: usize,
     /// Sequence number of the last event published.
     last_seq: u64,
+    closed: bool,
 }
 
-/// A session's event fan-out and replay buffer, shared by its actor (publisher) and its handle
-/// (subscribers).
+impl Buffer {
+    /// Sequence number of the oldest buffered event (`last_seq + 1` when empty).
+    fn first_seq(&self) -> u64 {
+        self.events.front().map_or(self.last_seq + 1, |(e, _)| e.seq)
+    }
+}
+
+/// A session's event buffer, shared by its actor (publisher) and its handle (subscribers).
 pub(crate) struct Fanout {
     buffer: Mutex<Buffer>,
-    live: broadcast::Sender<Arc<SessionEvent>>,
+    arrived: Notify,
+    subscribers: AtomicUsize,
     limits: ReplayLimits,
 }
 
 impl Fanout {
-    /// A fan-out whose live subscribers may lag `capacity` events.
-    pub(crate) fn new(capacity: usize, limits: ReplayLimits) -> Self {
-        let (live, _) = broadcast::channel(capacity.max(1));
+    /// A fan-out whose first event will be number `last_seq + 1`.
+    pub(crate) fn new(limits: ReplayLimits, last_seq: u64) -> Self {
         Self {
             buffer: Mutex::new(Buffer {
                 events: VecDeque::new(),
                 bytes: 0,
-                last_seq: 0,
+                last_seq,
+                closed: false,
             }),
-            live,
+            arrived: Notify::new(),
+            subscribers: AtomicUsize::new(0),
             limits,
         }
     }
 
-    /// Buffers `event` and sends it to every live subscriber.
+    /// Buffers `event` (dropping the oldest past the limits) and wakes the subscribers.
     pub(crate) fn publish(&self, event: Arc<SessionEvent>) {
         let size = estimated_size(&event);
-        let Ok(mut buffer) = self.buffer.lock() else {
-            let _ = self.live.send(event);
-            return;
-        };
-        buffer.last_seq = event.seq;
-        if self.limits.events == 0 || size > self.limits.bytes {
-            // Not replayable: nothing before it may be replayed either (a resume would skip it
-            // silently), so the buffer restarts after it and resumes count it as dropped.
-            buffer.events.clear();
-            buffer.bytes = 0;
-        } else {
+        if let Ok(mut buffer) = self.buffer.lock() {
+            buffer.last_seq = event.seq;
             buffer.bytes += size;
-            buffer.events.push_back((event.clone(), size));
-            while buffer.events.len() > self.limits.events || buffer.bytes > self.limits.bytes {
+            buffer.events.push_back((event, size));
+            while buffer.events.len() > 1
+                && (buffer.events.len() > self.limits.events.max(1)
+                    || buffer.bytes > self.limits.bytes)
+            {
                 match buffer.events.pop_front() {
                     Some((_, s)) => buffer.bytes -= s,
                     None => break,
                 }
             }
         }
-        let _ = self.live.send(event);
+        self.arrived.notify_waiters();
     }
 
-    /// Subscribes to live events and, when `since` is given, replays the buffered events after
-    /// that sequence number first. `since: None` replays nothing.
-    pub(crate) fn subscribe(&self, since: Option<u64>) -> Subscription {
-        let Ok(buffer) = self.buffer.lock() else {
-            return Subscription {
-                missed: Vec::new(),
-                dropped: 0,
-                live: self.live.subscribe(),
-                last_seq: 0,
-            };
+    /// Ends the stream: subscribers get what is buffered, then [`RecvError::Closed`].
+    pub(crate) fn close(&self) {
+        if let Ok(mut buffer) = self.buffer.lock() {
+            buffer.closed = true;
+        }
+        self.arrived.notify_waiters();
+    }
+
+    /// Subscribes to live events and, when `since` is given, hands back the buffered events
+    /// after that sequence number first. `since: None` replays nothing.
+    pub(crate) fn subscribe(self: &Arc<Self>, since: Option<u64>) -> Subscription {
+        let (missed, dropped, last_seq) = match self.buffer.lock() {
+            Ok(buffer) => match since {
+                None => (Vec::new(), 0, buffer.last_seq),
+                Some(since) => {
+                    let missed: Vec<Arc<SessionEvent>> = buffer
+                        .events
+                        .iter()
+                        .filter(|(e, _)| e.seq > since)
+                        .map(|(e, _)| e.clone())
+                        .collect();
+                    let first_kept = missed.first().map_or(buffer.last_seq + 1, |e| e.seq);
+                    (missed, first_kept.saturating_sub(since + 1), buffer.last_seq)
+                }
+            },
+            Err(_) => (Vec::new(), 0, 0),
         };
-        let live = self.live.subscribe();
-        let Some(since) = since else {
-            return Subscription {
-                missed: Vec::new(),
-                dropped: 0,
-                live,
-                last_seq: buffer.last_seq,
-            };
-        };
-        let missed: Vec<Arc<SessionEvent>> = buffer
-            .events
-            .iter()
-            .filter(|(e, _)| e.seq > since)
-            .map(|(e, _)| e.clone())
-            .collect();
-        let first_kept = missed.first().map_or(buffer.last_seq + 1, |e| e.seq);
-        let dropped = first_kept.saturating_sub(since + 1);
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
         Subscription {
             missed,
             dropped,
-            live,
-            last_seq: buffer.last_seq,
+            live: Subscriber {
+                fanout: self.clone(),
+                next: last_seq + 1,
+            },
+            last_seq,
         }
     }
 
     /// Live subscribers now.
     pub(crate) fn subscribers(&self) -> usize {
-        self.live.receiver_count()
+        self.subscribers.load(Ordering::Relaxed)
     }
 
     /// Sequence number of the latest event.
     pub(crate) fn last_seq(&self) -> u64 {
         self.buffer.lock().map_or(0, |b| b.last_seq)
+    }
+}
+
+/// One subscriber's place in a session's events.
+pub struct Subscriber {
+    fanout: Arc<Fanout>,
+    /// Sequence number of the next event to hand out.
+    next: u64,
+}
+
+impl Subscriber {
+    /// The next event, waiting for it if need be. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Arc<SessionEvent>, RecvError> {
+        let fanout = self.fanout.clone();
+        loop {
+            let arrived = fanout.arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before looking, so an event published in between still wakes us.
+            arrived.as_mut().enable();
+            if let Some(result) = self.try_recv() {
+                return result;
+            }
+            arrived.await;
+        }
+    }
+
+    /// The next event if one is there.
+    fn try_recv(&mut self) -> Option<Result<Arc<SessionEvent>, RecvError>> {
+        let Ok(buffer) = self.fanout.buffer.lock() else {
+            return Some(Err(RecvError::Closed));
+        };
+        let first = buffer.first_seq();
+        if self.next < first {
+            let lost = first - self.next;
+            self.next = first;
+            return Some(Err(RecvError::Lagged(lost)));
+        }
+        if self.next > buffer.last_seq {
+            return buffer.closed.then_some(Err(RecvError::Closed));
+        }
+        let index = usize::try_from(self.next - first).ok()?;
+        let event = buffer.events.get(index).map(|(e, _)| e.clone())?;
+        self.next += 1;
+        Some(Ok(event))
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.fanout.subscribers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -187,14 +258,18 @@ mod tests {
         })
     }
 
-    fn fanout(events: usize) -> Fanout {
-        Fanout::new(
-            16,
+    fn fanout(events: usize) -> Arc<Fanout> {
+        Arc::new(Fanout::new(
             ReplayLimits {
                 events,
                 bytes: usize::MAX,
             },
-        )
+            0,
+        ))
+    }
+
+    fn now(sub: &mut Subscriber) -> Option<Result<u64, RecvError>> {
+        sub.try_recv().map(|r| r.map(|e| e.seq))
     }
 
     #[test]
@@ -206,10 +281,10 @@ mod tests {
         let mut sub = f.subscribe(Some(2));
         let seqs: Vec<u64> = sub.missed.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [3, 4, 5]);
-        assert_eq!(sub.dropped, 0);
+        assert_eq!((sub.dropped, sub.last_seq), (0, 5));
         f.publish(event(6));
-        assert_eq!(sub.live.try_recv().map(|e| e.seq).ok(), Some(6));
-        assert!(sub.live.try_recv().is_err(), "nothing doubled");
+        assert_eq!(now(&mut sub.live), Some(Ok(6)));
+        assert_eq!(now(&mut sub.live), None, "nothing doubled");
     }
 
     #[test]
@@ -225,29 +300,27 @@ mod tests {
     }
 
     #[test]
-    fn the_byte_bound_holds() {
-        let f = Fanout::new(
-            16,
-            ReplayLimits {
-                events: 1000,
-                bytes: 3 * 128,
-            },
-        );
+    fn a_subscriber_that_falls_behind_is_told_how_far_and_memory_stays_bounded() {
+        let f = fanout(4);
+        let mut sub = f.subscribe(None).live;
         for seq in 1..=10 {
             f.publish(event(seq));
         }
-        assert_eq!(f.subscribe(Some(0)).missed.len(), 3);
+        assert_eq!(now(&mut sub), Some(Err(RecvError::Lagged(6))));
+        assert_eq!(now(&mut sub), Some(Ok(7)));
+        assert_eq!(f.buffer.lock().map(|b| b.events.len()).ok(), Some(4));
     }
 
     #[test]
-    fn an_event_too_big_to_buffer_counts_as_dropped() {
-        let f = Fanout::new(
-            16,
+    fn the_byte_bound_holds_but_the_newest_event_is_always_delivered() {
+        let f = Arc::new(Fanout::new(
             ReplayLimits {
                 events: 1000,
                 bytes: 1000,
             },
-        );
+            0,
+        ));
+        let mut sub = f.subscribe(None).live;
         f.publish(event(1));
         let big = Arc::new(SessionEvent {
             seq: 2,
@@ -257,22 +330,43 @@ mod tests {
             },
         });
         f.publish(big);
+        assert_eq!(now(&mut sub), Some(Err(RecvError::Lagged(1))));
+        assert_eq!(now(&mut sub), Some(Ok(2)), "the big event still arrives");
         f.publish(event(3));
-        let sub = f.subscribe(Some(0));
-        let seqs: Vec<u64> = sub.missed.iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, [3]);
-        assert_eq!(sub.dropped, 2, "events 1 and 2 cannot be replayed");
+        let resumed = f.subscribe(Some(0));
+        assert_eq!(resumed.dropped, 2, "events 1 and 2 can no longer be replayed");
+        assert_eq!(resumed.missed.len(), 1);
     }
 
     #[test]
-    fn an_up_to_date_or_new_subscriber_gets_no_replay() {
-        let f = fanout(100);
-        for seq in 1..=4 {
-            f.publish(event(seq));
-        }
-        let sub = f.subscribe(Some(4));
-        assert!(sub.missed.is_empty());
-        assert_eq!(sub.dropped, 0);
-        assert!(f.subscribe(None).missed.is_empty());
+    fn an_adopted_session_numbers_on_and_closing_ends_subscribers() {
+        let f = Arc::new(Fanout::new(
+            ReplayLimits {
+                events: 10,
+                bytes: usize::MAX,
+            },
+            500,
+        ));
+        let mut sub = f.subscribe(None).live;
+        f.publish(event(501));
+        assert_eq!(now(&mut sub), Some(Ok(501)));
+        assert_eq!(f.subscribers(), 1);
+        f.close();
+        assert_eq!(now(&mut sub), Some(Err(RecvError::Closed)));
+        drop(sub);
+        assert_eq!(f.subscribers(), 0);
+    }
+
+    #[tokio::test]
+    async fn recv_waits_for_the_next_event() {
+        let f = fanout(10);
+        let mut sub = f.subscribe(None).live;
+        let publisher = f.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            publisher.publish(event(1));
+        });
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), sub.recv()).await;
+        assert_eq!(got.ok().and_then(Result::ok).map(|e| e.seq), Some(1));
     }
 }

@@ -5,10 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-use super::events::{KernelState, SessionEvent};
-use super::fanout::{Fanout, Subscription};
+use super::events::KernelState;
+use super::fanout::{Fanout, Subscriber, Subscription};
 use crate::kernel::{Channel, Message};
 use crate::sandbox::files::{
     ByteStream, Download, FileEntry, FilesError, Listing, SessionFiles, WorkPath,
@@ -192,10 +192,10 @@ impl Session {
         self.owner.as_ref()
     }
 
-    /// Receives every event from now on. A subscriber that falls behind by more than the
-    /// channel's capacity is told how many events it lost (`RecvError::Lagged`); the kernel
-    /// and the other subscribers never wait for it.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SessionEvent>> {
+    /// Receives every event from now on. A subscriber that falls behind the session's bounded
+    /// event buffer is told how many events it lost ([`RecvError::Lagged`](super::RecvError));
+    /// the kernel and the other subscribers never wait for it.
+    pub fn subscribe(&self) -> Subscriber {
         self.fanout.subscribe(None).live
     }
 

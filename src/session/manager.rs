@@ -317,10 +317,7 @@ impl SessionManager {
         let id = kernel.id.clone();
         let now = Utc::now();
         let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
-        let fanout = Arc::new(Fanout::new(
-            self.options.subscriber_capacity,
-            self.options.replay,
-        ));
+        let fanout = Arc::new(Fanout::new(self.options.replay, last_seq));
         let status = Arc::new(Mutex::new(Status {
             state: KernelState::Starting,
             last_activity: now,

@@ -20,7 +20,7 @@ pub use crate::sandbox::files::{
 };
 pub use changed_files::ChangedFile;
 pub use events::{EventKind, InstallEvent, KernelState, SessionEvent};
-pub use fanout::{ReplayLimits, Subscription};
+pub use fanout::{RecvError, ReplayLimits, Subscriber, Subscription};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
 pub use manager::{CREATE_INSTALL_ID, CreateSession, SessionManager, Startup};
 pub use store::{SessionStore, StoreError, StoredSession};
@@ -35,8 +35,6 @@ pub struct SessionOptions {
     pub client: ClientOptions,
     /// Cells that may wait behind the running one.
     pub max_queue: usize,
-    /// Events a subscriber may fall behind before it is told it lost some.
-    pub subscriber_capacity: usize,
     /// How long a control-channel interrupt may take before SIGINT is sent instead.
     pub interrupt_grace: Duration,
     /// Most sessions the server runs at once.
@@ -65,7 +63,6 @@ impl Default for SessionOptions {
         Self {
             client: ClientOptions::default(),
             max_queue: 1000,
-            subscriber_capacity: 4096,
             interrupt_grace: Duration::from_secs(1),
             max_sessions: 256,
             pool_size: 0,

@@ -23,14 +23,13 @@ use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::wire::{self, ClientFrame, FrameError, V1_PROTOCOL};
 use crate::api::error::AppError;
 use crate::api::{AppState, Principal};
 use crate::kernel::{Channel, Message};
-use crate::session::{EventKind, KernelState, Session, SessionEvent};
+use crate::session::{RecvError, EventKind, KernelState, Session, SessionEvent};
 
 /// Largest frame a client may send.
 const MAX_CLIENT_FRAME: usize = 16 << 20;

@@ -12,14 +12,13 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render};
 use super::error::AppError;
 use super::{AppState, Principal};
-use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError};
+use crate::session::{RecvError, CodeQuery, ExecuteRequest, Session, SessionError};
 
 /// Close code for a client cut off because it fell behind (an application code: 4000–4999).
 pub const CLOSE_TOO_SLOW: u16 = 4008;
