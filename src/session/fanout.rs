@@ -61,7 +61,9 @@ struct Buffer {
 impl Buffer {
     /// Sequence number of the oldest buffered event (`last_seq + 1` when empty).
     fn first_seq(&self) -> u64 {
-        self.events.front().map_or(self.last_seq + 1, |(e, _)| e.seq)
+        self.events
+            .front()
+            .map_or(self.last_seq + 1, |(e, _)| e.seq)
     }
 }
 
@@ -131,7 +133,11 @@ impl Fanout {
                         .map(|(e, _)| e.clone())
                         .collect();
                     let first_kept = missed.first().map_or(buffer.last_seq + 1, |e| e.seq);
-                    (missed, first_kept.saturating_sub(since + 1), buffer.last_seq)
+                    (
+                        missed,
+                        first_kept.saturating_sub(since + 1),
+                        buffer.last_seq,
+                    )
                 }
             },
             Err(_) => (Vec::new(), 0, 0),
@@ -334,7 +340,10 @@ mod tests {
         assert_eq!(now(&mut sub), Some(Ok(2)), "the big event still arrives");
         f.publish(event(3));
         let resumed = f.subscribe(Some(0));
-        assert_eq!(resumed.dropped, 2, "events 1 and 2 can no longer be replayed");
+        assert_eq!(
+            resumed.dropped, 2,
+            "events 1 and 2 can no longer be replayed"
+        );
         assert_eq!(resumed.missed.len(), 1);
     }
 

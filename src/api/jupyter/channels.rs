@@ -29,7 +29,7 @@ use super::wire::{self, ClientFrame, FrameError, V1_PROTOCOL};
 use crate::api::error::AppError;
 use crate::api::{AppState, Principal};
 use crate::kernel::{Channel, Message};
-use crate::session::{RecvError, EventKind, KernelState, Session, SessionEvent};
+use crate::session::{EventKind, KernelState, RecvError, Session, SessionEvent};
 
 /// Largest frame a client may send.
 const MAX_CLIENT_FRAME: usize = 16 << 20;

@@ -18,7 +18,7 @@ use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render};
 use super::error::AppError;
 use super::{AppState, Principal};
-use crate::session::{RecvError, CodeQuery, ExecuteRequest, Session, SessionError};
+use crate::session::{CodeQuery, ExecuteRequest, RecvError, Session, SessionError};
 
 /// Close code for a client cut off because it fell behind (an application code: 4000–4999).
 pub const CLOSE_TOO_SLOW: u16 = 4008;
