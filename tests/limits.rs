@@ -23,25 +23,13 @@ async fn docker_server(options: SessionOptions) -> TestServer {
     TestServer::start(Arc::new(sandbox), options).await
 }
 
-/// Runs `body` and stops the server even when it panics (no container left behind).
-async fn with_server(server: TestServer, body: impl AsyncFnOnce(&TestServer)) {
-    use futures::FutureExt;
-    let outcome = std::panic::AssertUnwindSafe(body(&server))
-        .catch_unwind()
-        .await;
-    server.stop().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_that_ignores_its_interrupt_gets_the_kernel_restarted() {
     let options = SessionOptions {
         timeout_restart_grace: Duration::from_secs(2),
         ..SessionOptions::default()
     };
-    with_server(docker_server(options).await, async |server| {
+    common::run_against(docker_server(options).await, async |server| {
         let (_, mut ws) = server.session().await;
         ws.run("doomed = 1").await;
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -71,7 +59,7 @@ async fn output_past_the_cell_cap_is_dropped_and_counted() {
         max_cell_output_bytes: 100_000,
         ..SessionOptions::default()
     };
-    with_server(docker_server(options).await, async |server| {
+    common::run_against(docker_server(options).await, async |server| {
         let (_, mut ws) = server.session().await;
         let cell = ws
             .run("for i in range(1000):\n    print('x' * 999, flush=True)")
@@ -111,7 +99,7 @@ async fn idle_sessions_are_culled_but_busy_and_connected_ones_are_not() {
         cull_idle: Some(Duration::from_secs(1)),
         ..SessionOptions::default()
     };
-    with_server(docker_server(options).await, async |server| {
+    common::run_against(docker_server(options).await, async |server| {
         let (idle, ws) = server.session().await;
         drop(ws);
         let (connected, _kept_open) = server.session().await;
@@ -147,7 +135,7 @@ async fn the_session_limit_is_a_429_with_a_message() {
         max_sessions: 1,
         ..SessionOptions::default()
     };
-    with_server(docker_server(options).await, async |server| {
+    common::run_against(docker_server(options).await, async |server| {
         server.create_session().await;
         let resp = server
             .http()
@@ -171,7 +159,7 @@ async fn the_session_limit_is_a_429_with_a_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_websocket_message_is_refused_and_the_session_lives_on() {
-    with_server(
+    common::run_against(
         docker_server(SessionOptions::default()).await,
         async |server| {
             let (id, mut ws) = server.session().await;
@@ -203,7 +191,7 @@ async fn an_oversized_websocket_message_is_refused_and_the_session_lives_on() {
 /// the other clients and other sessions never wait for it, and memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_and_nobody_waits_for_it() {
-    with_server(
+    common::run_against(
         docker_server(SessionOptions::default()).await,
         async |server| {
             let (id, mut reader) = server.session().await;

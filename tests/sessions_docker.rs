@@ -65,20 +65,9 @@ fn kernel_container(session: &str) -> String {
     id
 }
 
-async fn run_against(server: common::TestServer, body: impl AsyncFnOnce(&common::TestServer)) {
-    use futures::FutureExt;
-    let outcome = std::panic::AssertUnwindSafe(body(&server))
-        .catch_unwind()
-        .await;
-    server.stop().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_memory_is_a_death_event_and_restart_brings_the_session_back() {
-    run_against(small_docker_server().await, async |server| {
+    common::run_against(small_docker_server().await, async |server| {
         let (_, mut ws) = server.session().await;
         ws.run("kept_file = open('note.txt', 'w').write('still here')")
             .await;
@@ -108,7 +97,7 @@ async fn out_of_memory_is_a_death_event_and_restart_brings_the_session_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_killed_from_outside_is_reported_and_restartable() {
-    run_against(docker_server().await, async |server| {
+    common::run_against(docker_server().await, async |server| {
         let (session, mut ws) = server.session().await;
         let container = kernel_container(&session);
         let killed = std::process::Command::new("docker")
@@ -127,7 +116,7 @@ async fn a_container_killed_from_outside_is_reported_and_restartable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_killed_with_sigkill_or_exiting_is_reported_and_restartable() {
-    run_against(docker_server().await, async |server| {
+    common::run_against(docker_server().await, async |server| {
         let (_, mut ws) = server.session().await;
         ws.submit("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
             .await;

@@ -315,3 +315,16 @@ impl Ws {
         self.collect(&id).await
     }
 }
+
+/// Runs `body` against `server`, then stops the server even when `body` panics (so no container
+/// is left behind), and re-raises the panic.
+pub async fn run_against(server: TestServer, body: impl AsyncFnOnce(&TestServer)) {
+    use futures::FutureExt;
+    let outcome = std::panic::AssertUnwindSafe(body(&server))
+        .catch_unwind()
+        .await;
+    server.stop().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -661,25 +661,39 @@ fn kernel_body(
         hostname: Some("kernel".to_owned()),
         exposed_ports: tcp.then(|| TCP_PORTS.iter().map(|p| format!("{p}/tcp")).collect()),
         host_config: Some(HostConfig {
-            network_mode: Some(network),
             port_bindings,
-            cap_drop: Some(vec!["ALL".to_owned()]),
-            security_opt: Some(vec!["no-new-privileges".to_owned()]),
-            readonly_rootfs: Some(true),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_owned(),
-                format!("rw,nosuid,nodev,size={},mode=1777", config.tmp_size_bytes),
-            )])),
-            mounts: Some(mounts),
-            memory: Some(config.memory_bytes),
-            memory_swap: Some(config.memory_bytes),
-            nano_cpus: Some((config.cpus * 1e9) as i64),
-            pids_limit: Some(config.pids_limit),
             // The default image's entrypoint is tini; a second init would only add a process.
             init: Some(own_command),
-            log_config: Some(small_log()),
-            ..Default::default()
+            ..hardened_host_config(config, network, mounts)
         }),
+        ..Default::default()
+    }
+}
+
+/// The lock-down every container that runs user code or the kernel image gets (kernel,
+/// package installer): all capabilities dropped, no new privileges, read-only root, a small
+/// `/tmp` tmpfs, the memory (no swap), CPU and process limits, small logs. One place, so the
+/// settings SECURITY.md lists cannot drift apart between containers.
+pub(super) fn hardened_host_config(
+    config: &super::DockerConfig,
+    network: String,
+    mounts: Vec<Mount>,
+) -> HostConfig {
+    HostConfig {
+        network_mode: Some(network),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        security_opt: Some(vec!["no-new-privileges".to_owned()]),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_owned(),
+            format!("rw,nosuid,nodev,size={},mode=1777", config.tmp_size_bytes),
+        )])),
+        mounts: Some(mounts),
+        memory: Some(config.memory_bytes),
+        memory_swap: Some(config.memory_bytes),
+        nano_cpus: Some((config.cpus * 1e9) as i64),
+        pids_limit: Some(config.pids_limit),
+        log_config: Some(small_log()),
         ..Default::default()
     }
 }

@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, Mount, MountType};
 use bollard::query_parameters::{LogsOptions, StartContainerOptions, WaitContainerOptions};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::container::{CONTAINER_WORK_DIR, small_log};
+use super::container::{CONTAINER_WORK_DIR, hardened_host_config};
 use super::{LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION, Shared, remove_container};
 use crate::sandbox::packages::{
     InstallError, PACKAGES_DIR, PackageInstaller, lines, pip_args, pip_error,
@@ -93,23 +93,7 @@ impl DockerInstaller {
             env: Some(env),
             labels: Some(labels),
             working_dir: Some(CONTAINER_WORK_DIR.to_owned()),
-            host_config: Some(HostConfig {
-                network_mode: Some(policy.network.clone()),
-                cap_drop: Some(vec!["ALL".to_owned()]),
-                security_opt: Some(vec!["no-new-privileges".to_owned()]),
-                readonly_rootfs: Some(true),
-                tmpfs: Some(HashMap::from([(
-                    "/tmp".to_owned(),
-                    format!("rw,nosuid,nodev,size={},mode=1777", config.tmp_size_bytes),
-                )])),
-                mounts: Some(mounts),
-                memory: Some(config.memory_bytes),
-                memory_swap: Some(config.memory_bytes),
-                nano_cpus: Some((config.cpus * 1e9) as i64),
-                pids_limit: Some(config.pids_limit),
-                log_config: Some(small_log()),
-                ..Default::default()
-            }),
+            host_config: Some(hardened_host_config(config, policy.network.clone(), mounts)),
             ..Default::default()
         }
     }
