@@ -5,8 +5,8 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::sandbox::{InstallError, SandboxError};
 use crate::session::{FilesError, SessionError};
+use crate::session::{InstallError, SandboxError};
 
 /// A failed request: the status to answer with and a message that says what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::wire::{self, ClientFrame, FrameError, V1_PROTOCOL};
 use crate::api::error::AppError;
 use crate::api::{AppState, Principal};
-use crate::kernel::{Channel, Message};
+use crate::session::{Channel, Message};
 use crate::session::{EventKind, KernelState, RecvError, Session, SessionEvent};
 
 /// Largest frame a client may send.

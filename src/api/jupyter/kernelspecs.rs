@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::sandbox::KernelCommand;
+use crate::session::KernelCommand;
 use crate::session::manager::DEFAULT_KERNEL_NAME;
 
 /// One kernel clients can ask for.

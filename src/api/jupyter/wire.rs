@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use crate::kernel::{Channel, Header, Message};
+use crate::session::{Channel, Header, Message};
 
 /// The binary subprotocol's name.
 pub const V1_PROTOCOL: &str = "v1.kernel.websocket.jupyter.org";

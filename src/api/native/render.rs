@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::protocol::{ServerEvent, ServerMessage};
-use crate::kernel::Channel;
+use crate::session::Channel;
 use crate::session::{EventKind, InstallEvent, SessionEvent};
 
 static NULL: Value = Value::Null;
