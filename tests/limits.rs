@@ -234,7 +234,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_nobody_waits_for_it() {
              other session's cell took {other_took:?}"
             );
             // Past the server's patience with a client that does not read…
-            tokio::time::sleep(kernelbox::api::native::SLOW_CLIENT + Duration::from_secs(2)).await;
+            tokio::time::sleep(kernelbox::api::slow_client::SLOW_CLIENT + Duration::from_secs(2))
+                .await;
             // …the stalled client finds its connection ended with a close frame saying how to resume
             // (or, if even the close frame could not reach it, simply ended).
             let ended = tokio::time::timeout(Duration::from_secs(40), async {

@@ -8,6 +8,7 @@ pub mod jupyter;
 pub mod native;
 pub mod origin;
 pub mod sessions;
+pub mod slow_client;
 pub mod web;
 
 use std::sync::Arc;

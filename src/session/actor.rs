@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::changed_files::{self, ChangedFile};
 use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
-use super::fanout::Fanout;
+use super::fanout::{Fanout, json_size};
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
 use super::{Kernel, SessionOptions};
 use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
@@ -720,7 +720,7 @@ impl Actor {
                 .and_then(Value::as_str)
                 .map_or(0, str::len),
             "display_data" | "update_display_data" | "execute_result" | "error" => {
-                msg.content.to_string().len()
+                json_size(&msg.content)
             }
             _ => return true,
         };

@@ -238,7 +238,8 @@ fn estimated_size(event: &SessionEvent) -> usize {
     }
 }
 
-fn json_size(value: &Value) -> usize {
+/// The approximate serialized size of `value`, without serializing it.
+pub(crate) fn json_size(value: &Value) -> usize {
     match value {
         Value::String(s) => s.len() + 2,
         Value::Array(items) => 2 + items.iter().map(json_size).sum::<usize>(),

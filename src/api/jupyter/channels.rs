@@ -15,9 +15,9 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 
-use crate::api::native::{CLOSE_TOO_SLOW, SLOW_CLIENT};
+use crate::api::slow_client::{Sent, cut_off, send_or_cut_off};
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -156,6 +156,7 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
 
     let cursor = Arc::new(std::sync::atomic::AtomicU64::new(last_seq));
     let writer_cursor = cursor.clone();
+    let reader_origin = origin.clone();
     let writer = async move {
         if !replay_ok {
             return;
@@ -175,32 +176,20 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
                         }
                     },
                     Err(RecvError::Lagged(missed)) => {
-                        // Cut off (it never slows the kernel or other clients); reconnecting
-                        // with the same session_id replays what it missed.
-                        tracing::info!(missed, "disconnecting a Jupyter client that fell behind");
-                        let _ = sink
-                            .send(WsMessage::Close(Some(CloseFrame {
-                                code: CLOSE_TOO_SLOW,
-                                reason: format!("too slow: {missed} messages behind; reconnect with the same session_id").into(),
-                            })))
-                            .await;
+                        // Reconnecting with the same session_id replays what it missed.
+                        let reason = format!(
+                            "too slow: {missed} messages behind; reconnect with the same session_id"
+                        );
+                        cut_off(&mut sink, reason).await;
                         return;
                     }
                     Err(RecvError::Closed) => break,
                 },
             };
-            match tokio::time::timeout(SLOW_CLIENT, sink.send(frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    tracing::info!("disconnecting a Jupyter client that stopped reading");
-                    let close = WsMessage::Close(Some(CloseFrame {
-                        code: CLOSE_TOO_SLOW,
-                        reason: "too slow: not reading; reconnect with the same session_id".into(),
-                    }));
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
-                    return;
-                }
+            let reason = || "too slow: not reading; reconnect with the same session_id".to_owned();
+            match send_or_cut_off(&mut sink, frame, reason).await {
+                Sent::Delivered => {}
+                Sent::Gone | Sent::CutOff => return,
             }
             if let Some(seq) = seq {
                 writer_cursor.store(seq, std::sync::atomic::Ordering::Relaxed);
@@ -211,7 +200,6 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
 
     let reader_state = state.clone();
     let reader_session = session.clone();
-    let reader_origin: Arc<str> = format!("jupyter:{}", cursor_key.1).into();
     let reader = async move {
         while let Some(frame) = stream.next().await {
             let decoded = match frame {

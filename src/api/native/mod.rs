@@ -8,7 +8,7 @@ pub mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -17,14 +17,9 @@ use tokio::sync::mpsc;
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render};
 use super::error::AppError;
+use super::slow_client::{Sent, cut_off, send_or_cut_off};
 use super::{AppState, Principal};
 use crate::session::{CodeQuery, ExecuteRequest, RecvError, Session, SessionError};
-
-/// Close code for a client cut off because it fell behind (an application code: 4000–4999).
-pub const CLOSE_TOO_SLOW: u16 = 4008;
-
-/// How long one frame may wait for a client to read before the client is cut off.
-pub const SLOW_CLIENT: Duration = Duration::from_secs(10);
 
 /// Largest frame a client may send.
 const MAX_CLIENT_FRAME: usize = 16 << 20;
@@ -112,38 +107,24 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
                         None => continue,
                     },
                     Err(RecvError::Lagged(missed)) => {
-                        // A client that cannot keep up is cut off (it never slows the kernel or
-                        // other clients) and told how to resume without losing anything.
-                        tracing::info!(missed, last_seq, "disconnecting a client that fell behind");
                         let reason = format!(
                             "too slow: {missed} events behind; reconnect with ?since={last_seq}"
                         );
-                        let _ = sink
-                            .send(WsMessage::Close(Some(CloseFrame {
-                                code: CLOSE_TOO_SLOW,
-                                reason: reason.into(),
-                            })))
-                            .await;
+                        cut_off(&mut sink, reason).await;
                         return;
                     }
                     Err(RecvError::Closed) => break,
                 },
             };
-            match tokio::time::timeout(SLOW_CLIENT, sink.send(WsMessage::Text(text.into()))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    // The client has not taken a frame for SLOW_CLIENT: cut it off (it can
-                    // resume with ?since=), trying briefly to tell it why.
-                    tracing::info!(last_seq, "disconnecting a client that stopped reading");
-                    let reason = format!("too slow: not reading; reconnect with ?since={last_seq}");
-                    let close = WsMessage::Close(Some(CloseFrame {
-                        code: CLOSE_TOO_SLOW,
-                        reason: reason.into(),
-                    }));
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(close)).await;
-                    return;
-                }
+            let frame = WsMessage::Text(text.into());
+            match send_or_cut_off(&mut sink, frame, || {
+                format!("too slow: not reading; reconnect with ?since={last_seq}")
+            })
+            .await
+            {
+                Sent::Delivered => {}
+                Sent::Gone => break,
+                Sent::CutOff => return,
             }
             if let Some(seq) = seq {
                 last_seq = seq;
