@@ -350,6 +350,9 @@ impl Actor {
                 let content = json!({"code": query.code});
                 self.query("is_complete_request", content, query).await;
             }
+            Command::KernelInfo(query) => {
+                self.query("kernel_info_request", json!({}), query).await;
+            }
             Command::Forward {
                 channel,
                 msg,

@@ -54,6 +54,7 @@ pub(crate) enum Command {
     Complete(CodeQuery),
     Inspect(CodeQuery),
     IsComplete(CodeQuery),
+    KernelInfo(CodeQuery),
     Forward {
         channel: Channel,
         msg: Box<Message>,
@@ -255,6 +256,16 @@ impl Session {
     /// Asks the kernel whether the code is a complete statement.
     pub fn is_complete(&self, query: CodeQuery) -> Result<(), SessionError> {
         self.send(Command::IsComplete(query))
+    }
+
+    /// Asks the kernel who it is (language, versions, banner); the reply carries `id`.
+    pub fn kernel_info(&self, id: Arc<str>) -> Result<(), SessionError> {
+        self.send(Command::KernelInfo(CodeQuery {
+            id,
+            code: String::new(),
+            cursor: 0,
+            detail_level: 0,
+        }))
     }
 
     /// Asks the kernel for documentation of the object at the cursor.

@@ -281,7 +281,7 @@ pub async fn cells_run_in_submission_order(server: &TestServer) {
     assert_eq!(last.as_deref(), Some("[1, 2, 3]"));
 }
 
-/// Completion and inspection answer with the request's id.
+/// Completion, inspection and kernel info answer with the request's id.
 pub async fn completion_and_inspection(server: &TestServer) {
     let (_, mut ws) = server.session().await;
     ws.run("import os").await;
@@ -302,6 +302,16 @@ pub async fn completion_and_inspection(server: &TestServer) {
     let reply = ws.until(|e| e["type"] == "inspect_reply").await;
     assert_eq!(reply["id"], "i1");
     assert_eq!(reply["found"], true);
+    ws.send(json!({"type": "kernel_info", "id": "k1"})).await;
+    let reply = ws.until(|e| e["type"] == "kernel_info_reply").await;
+    assert_eq!(reply["id"], "k1");
+    assert_eq!(reply["language_info"]["name"], "python", "{reply}");
+    assert!(
+        reply["protocol_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with('5')),
+        "{reply}"
+    );
 }
 
 /// A cell's `timeout_s` interrupts it and its `done` says `timeout`.

@@ -227,6 +227,10 @@ fn handle_text(session: &Session, text: &str) -> Option<String> {
             };
             (Some(id), session.is_complete(query))
         }
+        ClientMessage::KernelInfo { id } => {
+            let id: Arc<str> = id.unwrap_or_else(new_id).into();
+            (Some(id.clone()), session.kernel_info(id))
+        }
         ClientMessage::Inspect {
             id,
             code,

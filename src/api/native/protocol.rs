@@ -70,6 +70,12 @@ pub enum ClientMessage {
         /// pip requirements: names with optional `[extras]` and version specifiers.
         packages: Vec<String>,
     },
+    /// Ask the kernel who it is: language, versions, banner. Answered by `kernel_info_reply`.
+    KernelInfo {
+        /// The client's id for the request, echoed on the reply.
+        #[serde(default)]
+        id: Option<String>,
+    },
     /// Ask for documentation of the object at `cursor`.
     Inspect {
         /// The client's id for the request, echoed on the reply.
@@ -244,6 +250,19 @@ pub enum ServerEvent<'a> {
         /// For `incomplete`: the indentation of the next line.
         #[serde(skip_serializing_if = "Option::is_none")]
         indent: Option<&'a str>,
+    },
+    /// The kernel's answer to `kernel_info`.
+    KernelInfoReply {
+        /// Jupyter messaging protocol version the kernel speaks.
+        protocol_version: &'a str,
+        /// The kernel's implementation (`ipython`).
+        implementation: &'a str,
+        /// Its version.
+        implementation_version: &'a str,
+        /// Language name, version, MIME type, file extension, …
+        language_info: &'a Value,
+        /// The kernel's banner text.
+        banner: &'a str,
     },
     /// Documentation for an `inspect` request.
     InspectReply {

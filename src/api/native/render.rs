@@ -109,6 +109,13 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
                     status: text(c, "status"),
                     indent: c.get("indent").and_then(Value::as_str),
                 },
+                (Channel::Shell, "kernel_info_reply") => ServerEvent::KernelInfoReply {
+                    protocol_version: text(c, "protocol_version"),
+                    implementation: text(c, "implementation"),
+                    implementation_version: text(c, "implementation_version"),
+                    language_info: field(c, "language_info"),
+                    banner: text(c, "banner"),
+                },
                 (Channel::Shell, "inspect_reply") => ServerEvent::InspectReply {
                     found: c.get("found").and_then(Value::as_bool).unwrap_or(false),
                     data: field(c, "data"),
