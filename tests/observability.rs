@@ -127,8 +127,13 @@ async fn metrics_count_cells_clients_bytes_and_kernels() {
         assert_eq!(cell.status(), "ok");
         let failing = ws.run("1/0").await;
         assert_eq!(failing.status(), "error");
+        // `done` goes out just before the state returns to idle.
+        ws.wait_kernel("idle").await;
 
         let during = scrape(server).await;
+        if std::env::var_os("KB_TRACE").is_some() {
+            eprintln!("{during}");
+        }
         for family in [
             "kernelbox_executions_total",
             "kernelbox_execute_duration_seconds",
