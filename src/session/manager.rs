@@ -340,7 +340,12 @@ impl SessionManager {
         let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
         let fanout = Arc::new(Fanout::new(self.options.replay, last_seq));
         let status = Arc::new(Mutex::new(Status {
-            state: KernelState::Starting,
+            // A pooled kernel is ready already: say so before the actor first runs.
+            state: if kernel.client.is_some() {
+                KernelState::Idle
+            } else {
+                KernelState::Starting
+            },
             last_activity: now,
             execution_count: 0,
             queued: 0,
