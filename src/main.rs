@@ -297,6 +297,10 @@ fn package_policy(args: &ServeArgs) -> PackagePolicy {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_json);
+    // Before any session exists, so that every metric handle records.
+    if let Err(e) = api::metrics::install() {
+        tracing::warn!(error = %e, "metrics are disabled: /metrics will answer 503");
+    }
     if let Some(ca) = &args.package_ca_bundle
         && !ca.is_file()
     {

@@ -167,3 +167,18 @@ async fn unknown_sessions_and_bad_bodies_get_clear_errors() {
     assert_eq!(health["status"], "ok");
     server.stop().await;
 }
+
+/// No test of this binary installs a metrics recorder: `/metrics` says so instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_without_a_recorder_answer_503() {
+    let server = TestServer::local().await;
+    let resp = server
+        .http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.unwrap().contains("not enabled"));
+    server.stop().await;
+}

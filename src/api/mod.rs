@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod files;
 pub mod jupyter;
+pub mod metrics;
 pub mod native;
 pub mod origin;
 pub mod sessions;
@@ -141,6 +142,8 @@ pub fn router(state: AppState) -> Router {
     let cors = origin::cors(&state.allowed_origins);
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(metrics::readyz))
+        .route("/metrics", get(metrics::scrape))
         .nest("/v1", v1)
         .merge(jupyter)
         .merge(web::routes())

@@ -8,6 +8,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage};
 use futures::{Sink, SinkExt};
 
+use super::metrics::{Relay, frame_len};
+
 /// Close code for a client cut off because it fell behind (an application code: 4000–4999).
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 
@@ -25,17 +27,22 @@ pub(crate) enum Sent {
 }
 
 /// Sends `frame`, cutting the client off (with `reason`, made only then) when it does not take
-/// it within [`SLOW_CLIENT`].
+/// it within [`SLOW_CLIENT`]; counts what was delivered on `relay`.
 pub(crate) async fn send_or_cut_off<S>(
     sink: &mut S,
+    relay: &Relay,
     frame: WsMessage,
     reason: impl FnOnce() -> String,
 ) -> Sent
 where
     S: Sink<WsMessage> + Unpin,
 {
+    let len = frame_len(&frame);
     match tokio::time::timeout(SLOW_CLIENT, sink.send(frame)).await {
-        Ok(Ok(())) => Sent::Delivered,
+        Ok(Ok(())) => {
+            relay.sent(len);
+            Sent::Delivered
+        }
         Ok(Err(_)) => Sent::Gone,
         Err(_) => {
             cut_off(sink, reason()).await;

@@ -173,6 +173,12 @@ pub trait Sandbox: Send + Sync + 'static {
         )))
     }
 
+    /// Whether the backend can start kernels now, checked cheaply and quickly (for `/readyz`):
+    /// Docker pings its engine, the local backend checks its python is there. Ready by default.
+    async fn ready(&self) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
     /// Whether the operator lets sessions install packages (see [`PackagePolicy`]).
     fn installs_packages(&self) -> bool {
         false

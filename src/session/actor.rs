@@ -15,6 +15,7 @@ use super::changed_files::{self, ChangedFile};
 use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
 use super::fanout::{Fanout, json_size};
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
+use super::metrics::{self as m, Death, StartKind};
 use super::{Kernel, SessionOptions};
 use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
 use crate::sandbox::{ExitReason, InstallError, KernelProcess, PackageInstaller};
@@ -39,6 +40,8 @@ struct Running {
     dropped_messages: usize,
     /// Files under `output/` the cell created or changed (from the execute_reply).
     files: Option<Vec<ChangedFile>>,
+    /// The cell's span (session and cell id), the parent of what is logged about it.
+    span: tracing::Span,
 }
 
 /// A connection attempt in flight.
@@ -86,6 +89,8 @@ pub(crate) struct Actor {
     refresh_imports: bool,
     /// msg_ids of the session's own silent requests, whose messages nobody sees.
     internal: VecDeque<String>,
+    /// The execute-duration histogram (a handle, so recording is one atomic push).
+    cell_seconds: metrics::Histogram,
 }
 
 /// What an install task reports to the actor.
@@ -126,6 +131,7 @@ impl Actor {
             blocking_installs: 0,
             refresh_imports: false,
             internal: VecDeque::new(),
+            cell_seconds: metrics::histogram!(m::EXECUTE_DURATION),
             files_expression,
             id,
             opts,
@@ -212,6 +218,9 @@ impl Actor {
                 tracing::warn!(session = %self.id, error = %e, "cannot detach from the kernel");
             }
         } else {
+            if self.state != KernelState::Dead {
+                m::kernel_died(Death::Closed);
+            }
             self.abort_all("aborted");
             if let Err(e) = self.process.shutdown().await {
                 tracing::warn!(session = %self.id, error = %e, "kernel shutdown failed");
@@ -249,6 +258,7 @@ impl Actor {
             }
             Err(e) => {
                 tracing::warn!(session = %self.id, error = %e, "kernel did not become ready");
+                m::kernel_died(Death::NotReady);
                 self.watching_exit = false;
                 self.set_state(KernelState::Dead, Some(e.to_string()));
                 self.abort_all("aborted");
@@ -292,7 +302,10 @@ impl Actor {
         {
             Ok(msg_id) => {
                 self.remember(&msg_id, &request.cell);
+                let span = tracing::info_span!("cell", session = %self.id, cell = %request.cell);
+                tracing::debug!(parent: &span, "cell started");
                 self.running = Some(Running {
+                    span,
                     cell: request.cell,
                     msg_id,
                     started,
@@ -332,7 +345,7 @@ impl Actor {
         match command {
             Command::Execute(request) => self.enqueue(request),
             Command::Interrupt => self.interrupt().await,
-            Command::Restart => self.restart().await,
+            Command::Restart => self.restart(Death::RestartRequested).await,
             Command::InputReply(value) => self.input_reply(value).await,
             Command::Complete(query) => {
                 let content = json!({"code": query.code, "cursor_pos": query.cursor});
@@ -578,7 +591,11 @@ impl Actor {
         }
     }
 
-    async fn restart(&mut self) {
+    /// Restarts the kernel (`why`: what its end is counted as, unless it was dead already).
+    async fn restart(&mut self, why: Death) {
+        if self.state != KernelState::Dead {
+            m::kernel_died(why);
+        }
         self.set_state(KernelState::Restarting, None);
         self.abort_all("aborted");
         self.client = None;
@@ -587,10 +604,13 @@ impl Actor {
         self.interrupt_deadline = None;
         match self.process.restart().await {
             Ok(()) => {
+                m::kernel_started(StartKind::Restart);
                 self.watching_exit = true;
                 self.start_connecting();
             }
             Err(e) => {
+                tracing::warn!(session = %self.id, error = %e, "kernel restart failed");
+                m::kernel_died(Death::RestartFailed);
                 self.watching_exit = false;
                 self.set_state(KernelState::Dead, Some(e.to_string()));
                 self.flush_forwards().await;
@@ -786,12 +806,13 @@ impl Actor {
             );
         }
         self.interrupt_deadline = None;
+        let duration_ms = self.cell_finished(&r.span, r.started, status);
         self.emit(
             Some(r.cell),
             EventKind::Done {
                 status,
                 execution_count: count,
-                duration_ms: millis(r.started.elapsed()),
+                duration_ms,
                 files: r.files,
             },
         );
@@ -800,6 +821,7 @@ impl Actor {
 
     fn on_death(&mut self, reason: ExitReason) {
         tracing::info!(session = %self.id, %reason, "kernel died");
+        m::kernel_died(Death::from(&reason));
         self.watching_exit = false;
         self.client = None;
         self.incoming = None;
@@ -864,16 +886,17 @@ impl Actor {
                     ),
                 },
             );
+            let duration_ms = self.cell_finished(&r.span, r.started, "timeout");
             self.emit(
                 Some(r.cell),
                 EventKind::Done {
                     status: "timeout",
                     execution_count: None,
-                    duration_ms: millis(r.started.elapsed()),
+                    duration_ms,
                     files: None,
                 },
             );
-            self.restart().await;
+            self.restart(Death::TimeoutRestart).await;
         }
     }
 
@@ -891,7 +914,7 @@ impl Actor {
     /// Tells clients that the running and queued cells will never finish.
     fn abort_all(&mut self, status: &'static str) {
         if let Some(r) = self.running.take() {
-            let duration_ms = millis(r.started.elapsed());
+            let duration_ms = self.cell_finished(&r.span, r.started, status);
             self.emit(
                 Some(r.cell),
                 EventKind::Done {
@@ -966,7 +989,20 @@ impl Actor {
         }
     }
 
+    /// Records the end of a cell that ran (outcome, duration; an info line in the cell's span,
+    /// never its code or output) and returns its duration in milliseconds.
+    fn cell_finished(&self, span: &tracing::Span, started: Instant, status: &'static str) -> u64 {
+        let elapsed = started.elapsed();
+        self.cell_seconds.record(elapsed.as_secs_f64());
+        let duration_ms = millis(elapsed);
+        tracing::info!(parent: span, outcome = status, duration_ms, "cell finished");
+        duration_ms
+    }
+
     fn emit(&mut self, cell: Option<Arc<str>>, kind: EventKind) {
+        if let EventKind::Done { status, .. } = &kind {
+            m::executions(status).increment(1);
+        }
         self.seq += 1;
         let event = Arc::new(SessionEvent {
             seq: self.seq,

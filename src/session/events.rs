@@ -28,6 +28,16 @@ pub enum KernelState {
 }
 
 impl KernelState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [KernelState; 6] = [
+        KernelState::Starting,
+        KernelState::Idle,
+        KernelState::Busy,
+        KernelState::Restarting,
+        KernelState::Dead,
+        KernelState::Closed,
+    ];
+
     /// The lowercase name clients see.
     pub fn as_str(self) -> &'static str {
         match self {

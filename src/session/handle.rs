@@ -325,6 +325,11 @@ impl Session {
         }
     }
 
+    /// The state of the session's kernel now.
+    pub fn state(&self) -> KernelState {
+        self.status.lock().map_or(KernelState::Dead, |s| s.state)
+    }
+
     /// The session's current state and counters.
     pub fn info(&self) -> SessionInfo {
         let (state, last_activity, execution_count, queued) = match self.status.lock() {

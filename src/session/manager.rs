@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::actor::Actor;
 use super::fanout::Fanout;
 use super::handle::{Session, SessionError, SessionInfo, Status};
+use super::metrics::{self as m, StartKind};
 use super::pool::Pool;
 use super::store::{SessionStore, StoreError, StoredSession};
 use super::{Kernel, KernelState, SessionOptions};
@@ -43,6 +44,24 @@ pub const CREATE_INSTALL_ID: &str = "packages";
 
 /// The kernelspec name of sessions that ask for no other.
 pub const DEFAULT_KERNEL_NAME: &str = "python3";
+
+/// What [`SessionManager::readiness`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Whether the sandbox backend answers (else why not).
+    pub backend: Result<(), String>,
+    /// Ready kernels in the warm pool.
+    pub pool_ready: usize,
+    /// Ready kernels the pool is kept at.
+    pub pool_target: usize,
+}
+
+impl Readiness {
+    /// Ready: the backend answers and the pool is filled (a target of 0 is always filled).
+    pub fn is_ready(&self) -> bool {
+        self.backend.is_ok() && self.pool_ready >= self.pool_target
+    }
+}
 
 /// What [`SessionManager::open`] found and did at start.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -190,6 +209,7 @@ impl SessionManager {
             )));
         }
         let process = self.sandbox.adopt(&record.kernel).await?;
+        m::kernel_started(StartKind::Adopted);
         let kernel = Kernel {
             id: record.id.as_str().into(),
             process,
@@ -265,6 +285,7 @@ impl SessionManager {
                     kernel: request.kernel,
                 };
                 let process = self.sandbox.launch(&spec).await?;
+                m::kernel_started(StartKind::Cold);
                 Kernel {
                     id,
                     process,
@@ -319,7 +340,12 @@ impl SessionManager {
         let (commands_tx, commands_rx) = mpsc::channel(self.options.max_queue + 64);
         let fanout = Arc::new(Fanout::new(self.options.replay, last_seq));
         let status = Arc::new(Mutex::new(Status {
-            state: KernelState::Starting,
+            // A pooled kernel is ready already: say so before the actor first runs.
+            state: if kernel.client.is_some() {
+                KernelState::Idle
+            } else {
+                KernelState::Starting
+            },
             last_activity: now,
             execution_count: 0,
             queued: 0,
@@ -354,6 +380,40 @@ impl SessionManager {
     /// Ready kernels waiting in the warm pool.
     pub fn pool_ready(&self) -> usize {
         self.pool.get().map_or(0, |p| p.len())
+    }
+
+    /// Ready kernels the warm pool is kept at (0: no pool).
+    pub fn pool_target(&self) -> usize {
+        self.pool.get().map_or(0, |p| p.target())
+    }
+
+    /// How many live sessions are in each state, every state listed (zeros included).
+    pub fn count_by_state(&self) -> [(KernelState, usize); KernelState::ALL.len()] {
+        let mut counts = KernelState::ALL.map(|state| (state, 0));
+        for entry in &self.sessions {
+            let state = entry.value().state();
+            if let Some((_, n)) = counts.iter_mut().find(|(s, _)| *s == state) {
+                *n += 1;
+            }
+        }
+        counts
+    }
+
+    /// Whether the server can serve new sessions at once: the sandbox backend answers
+    /// ([`Sandbox::ready`]) and the warm pool holds its target of ready kernels.
+    pub async fn readiness(&self) -> Readiness {
+        let backend = match self.sandbox.ready().await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                tracing::warn!(backend = self.sandbox.name(), error = %err, "readiness: the sandbox backend is not ready");
+                Err(err.to_string())
+            }
+        };
+        Readiness {
+            backend,
+            pool_ready: self.pool_ready(),
+            pool_target: self.pool_target(),
+        }
     }
 
     /// The session with this id.
@@ -437,7 +497,9 @@ async fn cull_idle_sessions(manager: std::sync::Weak<SessionManager>, idle: std:
         };
         for id in manager.cullable(idle) {
             tracing::info!(session = %id, idle_s = idle.as_secs(), "culling an idle session");
-            let _ = manager.remove(&id).await;
+            if manager.remove(&id).await.is_ok() {
+                metrics::counter!(m::SESSIONS_CULLED).increment(1);
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod events;
 mod fanout;
 mod handle;
 pub mod manager;
+pub mod metrics;
 mod pool;
 pub mod store;
 
@@ -26,7 +27,7 @@ pub use fanout::{RecvError, ReplayLimits, Subscriber, Subscription};
 pub use crate::kernel::{Channel, Header, Message};
 pub use crate::sandbox::{InstallError, KernelCommand, SandboxError};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
-pub use manager::{CREATE_INSTALL_ID, CreateSession, SessionManager, Startup};
+pub use manager::{CREATE_INSTALL_ID, CreateSession, Readiness, SessionManager, Startup};
 pub use store::{SessionStore, StoreError, StoredSession};
 
 use crate::kernel::{ClientOptions, Incoming, KernelClient};

@@ -41,6 +41,11 @@ impl Pool {
         pool
     }
 
+    /// Ready kernels the pool is kept at.
+    pub(crate) fn target(&self) -> usize {
+        self.target
+    }
+
     /// Ready kernels now in the pool.
     pub(crate) fn len(&self) -> usize {
         self.ready.lock().map_or(0, |r| r.len())
@@ -105,6 +110,7 @@ async fn refill(pool: Arc<Pool>, sandbox: Arc<dyn Sandbox>, client: ClientOption
         };
         let started = match sandbox.launch(&spec).await {
             Ok(process) => {
+                super::metrics::kernel_started(super::metrics::StartKind::Pool);
                 match KernelClient::connect(process.connection(), client.clone()).await {
                     Ok(connected) => Ok(Kernel {
                         id: id.into(),

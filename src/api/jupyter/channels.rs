@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 
 use super::wire::{self, ClientFrame, FrameError, V1_PROTOCOL};
 use crate::api::error::AppError;
+use crate::api::metrics::{Front, Relay, frame_len};
 use crate::api::{AppState, Principal};
 use crate::session::{Channel, Message};
 use crate::session::{EventKind, KernelState, RecvError, Session, SessionEvent};
@@ -113,6 +114,8 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
     } else {
         Framing::Json
     };
+    let relay = Relay::open(Front::Jupyter);
+    let relay = &relay;
     let origin: Arc<str> = format!("jupyter:{client}").into();
     let cursor_key = (session.id().to_owned(), client.clone());
     let resume_from = state.jupyter_cursors.get(&cursor_key).map(|c| *c);
@@ -135,21 +138,23 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
                 ),
             }),
         );
-        if sink
-            .send(framing.encode(Channel::IoPub, &note))
-            .await
-            .is_err()
-        {
+        let frame = framing.encode(Channel::IoPub, &note);
+        let len = frame_len(&frame);
+        if sink.send(frame).await.is_err() {
             return;
         }
+        relay.sent(len);
     }
     let mut replay_ok = true;
     for event in &subscription.missed {
-        if let Some((channel, msg)) = render(event, &client, &origin)
-            && sink.send(framing.encode(channel, &msg)).await.is_err()
-        {
-            replay_ok = false;
-            break;
+        if let Some((channel, msg)) = render(event, &client, &origin) {
+            let frame = framing.encode(channel, &msg);
+            let len = frame_len(&frame);
+            if sink.send(frame).await.is_err() {
+                replay_ok = false;
+                break;
+            }
+            relay.sent(len);
         }
         last_seq = event.seq;
     }
@@ -187,7 +192,7 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
                 },
             };
             let reason = || "too slow: not reading; reconnect with the same session_id".to_owned();
-            match send_or_cut_off(&mut sink, frame, reason).await {
+            match send_or_cut_off(&mut sink, relay, frame, reason).await {
                 Sent::Delivered => {}
                 Sent::Gone | Sent::CutOff => return,
             }
@@ -239,6 +244,8 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
 }
 
 fn bad_frame(session: &Session, error: &FrameError) {
+    // Bounded: the error may quote the client's header values (never its content).
+    let error: String = error.to_string().chars().take(200).collect();
     tracing::warn!(session = session.id(), %error, "dropped a bad frame from a Jupyter client");
 }
 

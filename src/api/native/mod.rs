@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render};
 use super::error::AppError;
+use super::metrics::{Front, Relay, frame_len};
 use super::slow_client::{Sent, cut_off, send_or_cut_off};
 use super::{AppState, Principal};
 use crate::session::{CodeQuery, ExecuteRequest, RecvError, Session, SessionError};
@@ -51,6 +52,8 @@ pub async fn upgrade(
 
 /// Serves one WebSocket client of `session` until either side closes.
 async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>) {
+    let relay = Relay::open(Front::Native);
+    let relay = &relay;
     let subscription = session.subscribe_from(since);
     let mut events = subscription.live;
     let (mut sink, mut stream) = socket.split();
@@ -78,16 +81,21 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
         id: None,
         event: greeting,
     };
-    if let Ok(text) = serde_json::to_string(&hello)
-        && sink.send(WsMessage::Text(text.into())).await.is_err()
-    {
-        return;
-    }
-    let mut last_seq = subscription.last_seq;
-    for text in replay {
+    if let Ok(text) = serde_json::to_string(&hello) {
+        let len = text.len();
         if sink.send(WsMessage::Text(text.into())).await.is_err() {
             return;
         }
+        relay.sent(len);
+    }
+    let mut last_seq = subscription.last_seq;
+    for text in replay {
+        let frame = WsMessage::Text(text.into());
+        let len = frame_len(&frame);
+        if sink.send(frame).await.is_err() {
+            return;
+        }
+        relay.sent(len);
     }
 
     let writer = async move {
@@ -117,7 +125,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
                 },
             };
             let frame = WsMessage::Text(text.into());
-            match send_or_cut_off(&mut sink, frame, || {
+            match send_or_cut_off(&mut sink, relay, frame, || {
                 format!("too slow: not reading; reconnect with ?since={last_seq}")
             })
             .await

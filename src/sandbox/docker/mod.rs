@@ -39,6 +39,8 @@ pub const LABEL_SESSION: &str = "kernelbox.session";
 const BACKEND: &str = "docker";
 /// What [`SandboxError::Unreachable`] calls the engine.
 const ENGINE: &str = "the Docker engine";
+/// How long the readiness check waits for the engine to answer a ping.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Label telling a session's kernel container (`kernel`) from its working-dir keeper (`keeper`).
 pub const LABEL_ROLE: &str = "kernelbox.role";
@@ -166,6 +168,23 @@ impl Sandbox for DockerSandbox {
 
     fn installs_packages(&self) -> bool {
         self.shared.config.packages.allow
+    }
+
+    /// Ready when the engine answers a ping within [`READY_TIMEOUT`].
+    async fn ready(&self) -> Result<(), SandboxError> {
+        match tokio::time::timeout(READY_TIMEOUT, self.shared.docker.ping()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(engine_error("ping failed", err, |reason| {
+                SandboxError::Unreachable {
+                    what: ENGINE,
+                    reason,
+                }
+            })),
+            Err(_) => Err(SandboxError::Unreachable {
+                what: ENGINE,
+                reason: format!("no answer to a ping within {READY_TIMEOUT:?}"),
+            }),
+        }
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {

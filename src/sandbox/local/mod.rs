@@ -46,6 +46,14 @@ impl LocalSandbox {
         })
     }
 
+    fn python_missing(&self, reason: String) -> SandboxError {
+        SandboxError::Unavailable {
+            what: "the local kernel's python".into(),
+            reason: format!("{}: {reason}", self.python.display()),
+            hint: "Run `kernelbox setup` or pass --python.".into(),
+        }
+    }
+
     /// The same backend with another package policy (installs run the host's pip, with the
     /// host's network; `network` is ignored).
     pub fn with_packages(mut self, policy: PackagePolicy) -> Self {
@@ -62,6 +70,15 @@ impl Sandbox for LocalSandbox {
 
     fn installs_packages(&self) -> bool {
         self.packages.allow
+    }
+
+    /// Ready while the kernel's python is still there.
+    async fn ready(&self) -> Result<(), SandboxError> {
+        match tokio::fs::metadata(&self.python).await {
+            Ok(meta) if meta.is_file() => Ok(()),
+            Ok(_) => Err(self.python_missing("it is not a file".into())),
+            Err(e) => Err(self.python_missing(e.to_string())),
+        }
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn KernelProcess>, SandboxError> {
