@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::BoxError;
 use crate::procs::TOKEN;
@@ -203,7 +204,12 @@ impl Direct {
 async fn connect(
     request: tokio_tungstenite::tungstenite::handshake::client::Request,
 ) -> Result<Ws, BoxError> {
-    let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+    // A kernel may batch many MB of output into one message (stdout is flushed every 0.2 s).
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30));
+    let (ws, _) =
+        tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
     if let tokio_tungstenite::MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_nodelay(true)?;
     }
