@@ -129,8 +129,8 @@ struct ServeArgs {
     /// Events each session keeps for clients that reconnect and resume.
     #[arg(long, env = "KERNELBOX_REPLAY_EVENTS", default_value_t = 10_000)]
     replay_events: usize,
-    /// Bytes (MiB) of events each session keeps for clients that reconnect and resume, besides
-    /// the newest event (always kept, so one big output never cuts off a reader that keeps up).
+    /// Bytes (MiB) of events each session keeps for clients that reconnect and resume. Events a
+    /// connected client has not read yet may take 4× this before the slowest client is cut off.
     #[arg(long, env = "KERNELBOX_REPLAY_MB", default_value_t = 8)]
     replay_mb: usize,
     /// Time limit (seconds) for cells that set none (`timeout_s`); unlimited when not set. A

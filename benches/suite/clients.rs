@@ -208,29 +208,70 @@ async fn connect(
     let config = WebSocketConfig::default()
         .max_message_size(Some(1 << 30))
         .max_frame_size(Some(1 << 30));
-    let (ws, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
     if let tokio_tungstenite::MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_nodelay(true)?;
     }
     Ok(ws)
 }
 
-async fn next_json(ws: &mut Ws) -> Result<Value, BoxError> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Frame::Text(text))) => return Ok(serde_json::from_str(&text)?),
-            Some(Ok(Frame::Close(frame))) => return Err(format!("closed: {frame:?}").into()),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err("socket ended".into()),
+/// A WebSocket whose frames a task of its own reads all the time (so pings get their pongs and
+/// the server never waits on the benchmark), handing JSON messages over in order.
+pub struct Socket {
+    sink: futures::stream::SplitSink<Ws, Frame>,
+    rx: mpsc::UnboundedReceiver<Result<Value, String>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Socket {
+    fn new(ws: Ws) -> Self {
+        let (sink, mut stream) = ws.split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let item = match stream.next().await {
+                    Some(Ok(Frame::Text(text))) => {
+                        serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())
+                    }
+                    Some(Ok(Frame::Close(frame))) => Err(format!("closed: {frame:?}")),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("socket ended".into()),
+                };
+                let end = item.is_err();
+                if tx.send(item).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Self { sink, rx, reader }
+    }
+
+    /// Sends one text frame.
+    pub async fn send(&mut self, text: String) -> Result<(), BoxError> {
+        self.sink.send(Frame::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// The next JSON message.
+    pub async fn next(&mut self) -> Result<Value, BoxError> {
+        match self.rx.recv().await {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => Err(e.into()),
+            None => Err("socket ended".into()),
         }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 
 /// A client of kernelbox's native WebSocket protocol.
 pub struct Native {
-    ws: Ws,
+    ws: Socket,
     next: u64,
     /// The session's id.
     pub session: String,
@@ -256,7 +297,7 @@ impl Native {
     pub async fn open(addr: std::net::SocketAddr, id: &str) -> Result<Self, BoxError> {
         let url = format!("ws://{addr}/v1/sessions/{id}/ws?token={TOKEN}");
         Ok(Self {
-            ws: connect(url.into_client_request()?).await?,
+            ws: Socket::new(connect(url.into_client_request()?).await?),
             next: 0,
             session: id.to_owned(),
         })
@@ -264,14 +305,13 @@ impl Native {
 
     /// The next event on the socket.
     pub async fn next_event(&mut self) -> Result<Value, BoxError> {
-        next_json(&mut self.ws).await
+        self.ws.next().await
     }
 
     /// Sends an `execute` for cell `id` without waiting.
     pub async fn send_execute(&mut self, id: &str, code: &str) -> Result<(), BoxError> {
         let frame = json!({"type": "execute", "id": id, "code": code}).to_string();
-        self.ws.send(Frame::Text(frame.into())).await?;
-        Ok(())
+        self.ws.send(frame).await
     }
 
     fn fresh_id(&mut self) -> String {
@@ -282,7 +322,7 @@ impl Native {
     async fn kernel_info(&mut self) -> Result<(), BoxError> {
         let id = self.fresh_id();
         let frame = json!({"type": "kernel_info", "id": id}).to_string();
-        self.ws.send(Frame::Text(frame.into())).await?;
+        self.ws.send(frame).await?;
         loop {
             let event = self.next_event().await?;
             if event["type"] == "kernel_info_reply" && event["id"] == id.as_str() {
@@ -314,7 +354,7 @@ impl Native {
 
 /// A client of the Jupyter kernel WebSocket protocol (JSON frames, no subprotocol).
 pub struct Jupyter {
-    ws: Ws,
+    ws: Socket,
     session: String,
     /// The kernel's id.
     pub kernel: String,
@@ -339,7 +379,7 @@ impl Jupyter {
             .headers_mut()
             .insert("Authorization", format!("token {TOKEN}").parse()?);
         Ok(Self {
-            ws: connect(request).await?,
+            ws: Socket::new(connect(request).await?),
             session: uuid::Uuid::new_v4().to_string(),
             kernel: id.to_owned(),
         })
@@ -358,14 +398,14 @@ impl Jupyter {
                        "username": "bench", "date": chrono::Utc::now().to_rfc3339(), "version": "5.3"},
             "parent_header": {}, "metadata": {}, "content": content, "buffers": [],
         });
-        self.ws.send(Frame::Text(frame.to_string().into())).await?;
+        self.ws.send(frame.to_string()).await?;
         Ok(msg_id)
     }
 
     async fn kernel_info(&mut self) -> Result<(), BoxError> {
         let id = self.send("shell", "kernel_info_request", json!({})).await?;
         loop {
-            let msg = next_json(&mut self.ws).await?;
+            let msg = self.ws.next().await?;
             if msg["parent_header"]["msg_id"] == id.as_str()
                 && msg["header"]["msg_type"] == "kernel_info_reply"
             {
@@ -380,7 +420,7 @@ impl Jupyter {
             .await?;
         let (mut reply, mut idle) = (false, false);
         while !(reply && idle) {
-            let msg = next_json(&mut self.ws).await?;
+            let msg = self.ws.next().await?;
             if msg["parent_header"]["msg_id"] != id.as_str() {
                 continue;
             }

@@ -103,22 +103,27 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
     result
 }
 
+/// An error of `path`, saying which path it was.
+fn at(path: &Path, e: BoxError) -> BoxError {
+    format!("{}: {e}", path.name).into()
+}
+
 async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> {
     // Warm-up: imports, the first history writes, connection set-up.
     for path in paths.iter_mut() {
         for _ in 0..20 {
-            path.client.kernel_info().await?;
-            path.client.execute("1+1").await?;
+            path.client.kernel_info().await.map_err(|e| at(path, e))?;
+            path.client.execute("1+1").await.map_err(|e| at(path, e))?;
         }
     }
     let rounds = bench.samples(300, 30);
     for _ in 0..rounds {
         for path in paths.iter_mut() {
             let t = Instant::now();
-            path.client.kernel_info().await?;
+            path.client.kernel_info().await.map_err(|e| at(path, e))?;
             path.info.push(t.elapsed());
             let t = Instant::now();
-            let out = path.client.execute("1+1").await?;
+            let out = path.client.execute("1+1").await.map_err(|e| at(path, e))?;
             path.exec.push(t.elapsed());
             if out.result.as_deref() != Some("2") {
                 return Err(format!("{}: 1+1 gave {:?}", path.name, out.result).into());
@@ -184,8 +189,19 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
                 }
                 let patience = Duration::from_secs(if path.throttled { 30 } else { 120 });
                 let t = Instant::now();
-                let out = path.client.execute_within(code, patience).await?;
+                let out = path
+                    .client
+                    .execute_within(code, patience)
+                    .await
+                    .map_err(|e| at(path, e))?;
                 let mbps = out.stdout_bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
+                eprintln!(
+                    "  {} {label}: {} bytes, {} messages in {:.2} s",
+                    path.name,
+                    out.stdout_bytes,
+                    out.stream_msgs,
+                    t.elapsed().as_secs_f64()
+                );
                 runs[i].push((mbps, out));
             }
         }
@@ -219,7 +235,11 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
     let samples = bench.samples(5, 1);
     let mut expected = Vec::new();
     for path in paths.iter_mut() {
-        let out = path.client.execute(PNG_SETUP).await?;
+        let out = path
+            .client
+            .execute(PNG_SETUP)
+            .await
+            .map_err(|e| at(path, e))?;
         expected.push(out.result.unwrap_or_default().trim_matches('\'').to_owned());
     }
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
@@ -232,7 +252,11 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
             }
             let patience = Duration::from_secs(if path.throttled { 30 } else { 120 });
             let t = Instant::now();
-            let out = path.client.execute_within(PNG_SHOW, patience).await?;
+            let out = path
+                .client
+                .execute_within(PNG_SHOW, patience)
+                .await
+                .map_err(|e| at(path, e))?;
             times[i].push(t.elapsed());
             if let Some((sha, len)) = &out.png {
                 size = *len;

@@ -1,11 +1,13 @@
 //! Fan-out with replay. Every event of a session goes into one bounded buffer (events and
-//! bytes); each subscriber is a cursor into it, woken when events arrive. A subscriber that
-//! falls behind the buffer's oldest event is told how many it lost (`Lagged`), never slows the
-//! kernel or other subscribers, and memory stays bounded by the buffer whatever the number or
-//! speed of subscribers. A client that reconnects resumes from its last seen sequence number:
+//! bytes); each subscriber is a cursor into it, woken when events arrive. Events every live
+//! subscriber has taken are kept for replay up to [`ReplayLimits`]; events some subscriber has
+//! not taken yet are kept up to [`UNREAD_ALLOWANCE`] times those limits, so a burst (one 20 MB
+//! output, 10,000 small ones) never cuts off a client that keeps up. A subscriber that falls
+//! further behind is told how many it lost (`Lagged`), never slows the kernel or other
+//! subscribers, and memory stays bounded whatever the number or speed of subscribers. A client that reconnects resumes from its last seen sequence number:
 //! it gets what it missed (if still buffered), in order, exactly once, then live events.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -45,10 +47,13 @@ pub struct ReplayLimits {
     /// Most events kept.
     pub events: usize,
     /// Most bytes (estimated size of the events' content) kept besides the newest event, which
-    /// is always kept: so a big event never pushes out what a reader that keeps up is about to
-    /// read, and memory stays under this bound plus one event.
+    /// is always kept.
     pub bytes: usize,
 }
+
+/// How many times the replay limits events a live subscriber has not taken yet may hold before
+/// the slowest subscriber loses some (and is cut off by the API).
+pub const UNREAD_ALLOWANCE: usize = 4;
 
 struct Buffer {
     /// Events with consecutive sequence numbers, oldest first.
@@ -57,6 +62,9 @@ struct Buffer {
     /// Sequence number of the last event published.
     last_seq: u64,
     closed: bool,
+    /// Each live subscriber's next sequence number, by subscriber key.
+    cursors: HashMap<u64, u64>,
+    next_key: u64,
 }
 
 impl Buffer {
@@ -85,6 +93,8 @@ impl Fanout {
                 bytes: 0,
                 last_seq,
                 closed: false,
+                cursors: HashMap::new(),
+                next_key: 0,
             }),
             arrived: Notify::new(),
             subscribers: AtomicUsize::new(0),
@@ -99,10 +109,19 @@ impl Fanout {
             buffer.last_seq = event.seq;
             buffer.bytes += size;
             buffer.events.push_back((event, size));
-            while buffer.events.len() > 1
-                && (buffer.events.len() > self.limits.events.max(1)
-                    || buffer.bytes - size > self.limits.bytes)
-            {
+            let limits = self.limits;
+            let slowest = buffer.cursors.values().min().copied().unwrap_or(u64::MAX);
+            while buffer.events.len() > 1 {
+                let (count, older_bytes) = (buffer.events.len(), buffer.bytes - size);
+                if count <= limits.events.max(1) && older_bytes <= limits.bytes {
+                    break;
+                }
+                let unread = buffer.events.front().is_some_and(|(e, _)| e.seq >= slowest);
+                let over_allowance = count > limits.events.max(1).saturating_mul(UNREAD_ALLOWANCE)
+                    || older_bytes > limits.bytes.saturating_mul(UNREAD_ALLOWANCE);
+                if unread && !over_allowance {
+                    break;
+                }
                 match buffer.events.pop_front() {
                     Some((_, s)) => buffer.bytes -= s,
                     None => break,
@@ -123,26 +142,36 @@ impl Fanout {
     /// Subscribes to live events and, when `since` is given, hands back the buffered events
     /// after that sequence number first. `since: None` replays nothing.
     pub(crate) fn subscribe(self: &Arc<Self>, since: Option<u64>) -> Subscription {
-        let (missed, dropped, last_seq) = match self.buffer.lock() {
-            Ok(buffer) => match since {
-                None => (Vec::new(), 0, buffer.last_seq),
-                Some(since) => {
-                    let missed: Vec<Arc<SessionEvent>> = buffer
-                        .events
-                        .iter()
-                        .filter(|(e, _)| e.seq > since)
-                        .map(|(e, _)| e.clone())
-                        .collect();
-                    let first_kept = missed.first().map_or(buffer.last_seq + 1, |e| e.seq);
-                    (
-                        missed,
-                        first_kept.saturating_sub(since + 1),
-                        buffer.last_seq,
-                    )
-                }
-            },
-            Err(_) => (Vec::new(), 0, 0),
+        let Ok(mut buffer) = self.buffer.lock() else {
+            return Subscription {
+                missed: Vec::new(),
+                dropped: 0,
+                live: Subscriber {
+                    fanout: self.clone(),
+                    next: u64::MAX,
+                    key: None,
+                },
+                last_seq: 0,
+            };
         };
+        let (missed, dropped) = match since {
+            None => (Vec::new(), 0),
+            Some(since) => {
+                let missed: Vec<Arc<SessionEvent>> = buffer
+                    .events
+                    .iter()
+                    .filter(|(e, _)| e.seq > since)
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                let first_kept = missed.first().map_or(buffer.last_seq + 1, |e| e.seq);
+                (missed, first_kept.saturating_sub(since + 1))
+            }
+        };
+        let last_seq = buffer.last_seq;
+        let key = buffer.next_key;
+        buffer.next_key += 1;
+        buffer.cursors.insert(key, last_seq + 1);
+        drop(buffer);
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         Subscription {
             missed,
@@ -150,6 +179,7 @@ impl Fanout {
             live: Subscriber {
                 fanout: self.clone(),
                 next: last_seq + 1,
+                key: Some(key),
             },
             last_seq,
         }
@@ -171,6 +201,8 @@ pub struct Subscriber {
     fanout: Arc<Fanout>,
     /// Sequence number of the next event to hand out.
     next: u64,
+    /// Where the buffer keeps this subscriber's cursor (`None`: never registered).
+    key: Option<u64>,
 }
 
 impl Subscriber {
@@ -191,13 +223,14 @@ impl Subscriber {
 
     /// The next event if one is there.
     fn try_recv(&mut self) -> Option<Result<Arc<SessionEvent>, RecvError>> {
-        let Ok(buffer) = self.fanout.buffer.lock() else {
+        let Ok(mut buffer) = self.fanout.buffer.lock() else {
             return Some(Err(RecvError::Closed));
         };
         let first = buffer.first_seq();
         if self.next < first {
             let lost = first - self.next;
             self.next = first;
+            self.record(&mut buffer);
             return Some(Err(RecvError::Lagged(lost)));
         }
         if self.next > buffer.last_seq {
@@ -206,12 +239,24 @@ impl Subscriber {
         let index = usize::try_from(self.next - first).ok()?;
         let event = buffer.events.get(index).map(|(e, _)| e.clone())?;
         self.next += 1;
+        self.record(&mut buffer);
         Some(Ok(event))
+    }
+
+    /// Tells the buffer how far this subscriber has read.
+    fn record(&self, buffer: &mut Buffer) {
+        if let Some(cursor) = self.key.and_then(|k| buffer.cursors.get_mut(&k)) {
+            *cursor = self.next;
+        }
     }
 }
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        if let Ok(mut buffer) = self.fanout.buffer.lock() {
+            buffer.cursors.remove(&key);
+        }
         self.fanout.subscribers.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -311,12 +356,43 @@ mod tests {
     fn a_subscriber_that_falls_behind_is_told_how_far_and_memory_stays_bounded() {
         let f = fanout(4);
         let mut sub = f.subscribe(None).live;
-        for seq in 1..=10 {
+        let allowance = (4 * UNREAD_ALLOWANCE) as u64;
+        for seq in 1..=allowance + 6 {
             f.publish(event(seq));
         }
         assert_eq!(now(&mut sub), Some(Err(RecvError::Lagged(6))));
         assert_eq!(now(&mut sub), Some(Ok(7)));
-        assert_eq!(f.buffer.lock().map(|b| b.events.len()).ok(), Some(4));
+        let kept = f.buffer.lock().map(|b| b.events.len()).ok();
+        assert_eq!(kept, Some(4 * UNREAD_ALLOWANCE));
+    }
+
+    #[test]
+    fn unread_events_outlive_the_replay_limit_for_a_subscriber_that_keeps_up() {
+        let f = fanout(4);
+        let mut sub = f.subscribe(None).live;
+        for seq in 1..=8 {
+            f.publish(event(seq));
+        }
+        for seq in 1..=8 {
+            assert_eq!(
+                now(&mut sub),
+                Some(Ok(seq)),
+                "a burst twice the limit loses nothing"
+            );
+        }
+        f.publish(event(9));
+        let kept = f.buffer.lock().map(|b| b.events.len()).ok();
+        assert_eq!(kept, Some(4), "read events fall back to the replay limit");
+        drop(sub);
+        for seq in 10..=30 {
+            f.publish(event(seq));
+        }
+        let kept = f.buffer.lock().map(|b| b.events.len()).ok();
+        assert_eq!(
+            kept,
+            Some(4),
+            "with nobody reading, only the replay limit is kept"
+        );
     }
 
     #[test]
