@@ -201,7 +201,8 @@ impl Direct {
     }
 }
 
-async fn connect(
+/// Opens a WebSocket (large messages allowed, Nagle off).
+pub async fn connect(
     request: tokio_tungstenite::tungstenite::handshake::client::Request,
 ) -> Result<Ws, BoxError> {
     // A kernel may batch many MB of output into one message (stdout is flushed every 0.2 s).

@@ -11,6 +11,7 @@ pub mod origin;
 pub mod sessions;
 pub mod slow_client;
 pub mod web;
+mod ws_config;
 
 use std::sync::Arc;
 

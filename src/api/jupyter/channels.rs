@@ -32,9 +32,6 @@ use crate::api::{AppState, Principal};
 use crate::session::{Channel, Message};
 use crate::session::{EventKind, KernelState, RecvError, Session, SessionEvent};
 
-/// Largest frame a client may send.
-const MAX_CLIENT_FRAME: usize = 16 << 20;
-
 /// Message types clients may send, by channel.
 const SHELL_TYPES: &[&str] = &[
     "execute_request",
@@ -80,8 +77,7 @@ pub async fn upgrade(
         .session_id
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    Ok(ws
-        .max_message_size(MAX_CLIENT_FRAME)
+    Ok(crate::api::ws_config::configure(ws)
         .protocols([V1_PROTOCOL])
         .on_upgrade(move |socket| connection(socket, state, session, client)))
 }

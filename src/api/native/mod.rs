@@ -22,9 +22,6 @@ use super::slow_client::{Sent, cut_off, send_or_cut_off};
 use super::{AppState, Principal};
 use crate::session::{CodeQuery, ExecuteRequest, RecvError, Session, SessionError};
 
-/// Largest frame a client may send.
-const MAX_CLIENT_FRAME: usize = 16 << 20;
-
 /// Query parameters of the WebSocket URL.
 #[derive(Debug, serde::Deserialize)]
 pub struct ConnectParams {
@@ -45,8 +42,7 @@ pub async fn upgrade(
     let session = state
         .owned_session(&principal, &id)
         .ok_or_else(|| AppError::no_session(&id))?;
-    Ok(ws
-        .max_message_size(MAX_CLIENT_FRAME)
+    Ok(crate::api::ws_config::configure(ws)
         .on_upgrade(move |socket| connection(socket, session, params.since)))
 }
 
