@@ -44,8 +44,9 @@ pub struct Subscription {
 pub struct ReplayLimits {
     /// Most events kept.
     pub events: usize,
-    /// Most bytes (estimated size of the events' content) kept; the newest event is kept even
-    /// when it alone is larger.
+    /// Most bytes (estimated size of the events' content) kept besides the oldest buffered
+    /// event: an event is dropped for size only once the events after it exceed this, so one
+    /// event larger than the budget is still there for slow readers until more output follows.
     pub bytes: usize,
 }
 
@@ -98,9 +99,17 @@ impl Fanout {
             buffer.last_seq = event.seq;
             buffer.bytes += size;
             buffer.events.push_back((event, size));
+            // By bytes, the oldest event goes only once the events after it fill the budget on
+            // their own: an event larger than the whole budget (one multi-MB stream message)
+            // stays until subscribers had the chance to read it, instead of being pushed out by
+            // the very next (tiny) event, which would cut every reader off. Memory stays within
+            // the budget plus one event.
             while buffer.events.len() > 1
                 && (buffer.events.len() > self.limits.events.max(1)
-                    || buffer.bytes > self.limits.bytes)
+                    || buffer
+                        .events
+                        .front()
+                        .is_some_and(|(_, s)| buffer.bytes - s > self.limits.bytes))
             {
                 match buffer.events.pop_front() {
                     Some((_, s)) => buffer.bytes -= s,
@@ -341,11 +350,37 @@ mod tests {
         assert_eq!(now(&mut sub), Some(Ok(2)), "the big event still arrives");
         f.publish(event(3));
         let resumed = f.subscribe(Some(0));
-        assert_eq!(
-            resumed.dropped, 2,
-            "events 1 and 2 can no longer be replayed"
-        );
-        assert_eq!(resumed.missed.len(), 1);
+        assert_eq!(resumed.dropped, 1, "event 1 can no longer be replayed");
+        assert_eq!(resumed.missed.len(), 2);
+    }
+
+    #[test]
+    fn a_big_event_is_not_pushed_out_by_the_small_ones_right_after_it() {
+        let f = Arc::new(Fanout::new(
+            ReplayLimits {
+                events: 1000,
+                bytes: 1000,
+            },
+            0,
+        ));
+        let mut sub = f.subscribe(None).live;
+        let big = Arc::new(SessionEvent {
+            seq: 1,
+            cell: None,
+            kind: EventKind::Rejected {
+                message: "x".repeat(5000),
+            },
+        });
+        f.publish(big);
+        // The events after it (128 estimated bytes each) fill the budget after 7 of them.
+        for seq in 2..=8 {
+            f.publish(event(seq));
+        }
+        assert_eq!(now(&mut sub), Some(Ok(1)), "the reader still gets it");
+        f.publish(event(9));
+        let resumed = f.subscribe(Some(0));
+        assert_eq!(resumed.dropped, 1, "now the following events fill the budget");
+        assert_eq!(resumed.missed.first().map(|e| e.seq), Some(2));
     }
 
     #[test]
