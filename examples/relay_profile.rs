@@ -29,10 +29,10 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// 20 MiB in 2 KiB lines, written in one go (the kernel's 0.2 s flush timer batches them).
-const BULK: &str = "import sys\nl = 'x' * 2047 + '\\n'\nfor _ in range(10240): sys.stdout.write(l)\n";
+const BULK: &str =
+    "import sys\nl = 'x' * 2047 + '\\n'\nfor _ in range(10240): sys.stdout.write(l)\n";
 /// 10,000 lines of 2 KiB, each flushed: 10,000 stream messages.
-const FLUSHED: &str =
-    "import sys\nl = 'y' * 2047 + '\\n'\nfor _ in range(10000):\n    sys.stdout.write(l); sys.stdout.flush()\n";
+const FLUSHED: &str = "import sys\nl = 'y' * 2047 + '\\n'\nfor _ in range(10000):\n    sys.stdout.write(l); sys.stdout.flush()\n";
 const BULK_BYTES: usize = 10240 * 2048;
 const FLUSHED_BYTES: usize = 10000 * 2048;
 
@@ -200,7 +200,9 @@ impl Samples {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let base = args.first().ok_or("usage: relay_profile URL TOKEN [ROUNDS] [PER_ROUND]")?;
+    let base = args
+        .first()
+        .ok_or("usage: relay_profile URL TOKEN [ROUNDS] [PER_ROUND]")?;
     let token = args.get(1).ok_or("no token")?.clone();
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let per_round: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(40);

@@ -379,7 +379,10 @@ mod tests {
         assert_eq!(now(&mut sub), Some(Ok(1)), "the reader still gets it");
         f.publish(event(9));
         let resumed = f.subscribe(Some(0));
-        assert_eq!(resumed.dropped, 1, "now the following events fill the budget");
+        assert_eq!(
+            resumed.dropped, 1,
+            "now the following events fill the budget"
+        );
         assert_eq!(resumed.missed.first().map(|e| e.seq), Some(2));
     }
 
