@@ -96,7 +96,7 @@ impl Framing {
         match self {
             Framing::V1 => WsMessage::Binary(wire::encode_v1(channel, msg).into()),
             Framing::Json if msg.buffers.is_empty() => {
-                WsMessage::Text(wire::to_json(channel, msg).to_string().into())
+                WsMessage::Text(wire::to_json_text(channel, msg).into())
             }
             Framing::Json => WsMessage::Binary(wire::encode_legacy_binary(channel, msg).into()),
         }

@@ -5,6 +5,8 @@
 //! says what was wrong, never a panic.
 
 use bytes::Bytes;
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 
 use crate::session::{Channel, Header, Message};
@@ -249,11 +251,58 @@ pub fn decode_legacy_binary(frame: &[u8]) -> Result<ClientFrame, FrameError> {
     )
 }
 
-fn parent_json(msg: &Message) -> Value {
-    msg.parent_header
-        .as_ref()
-        .and_then(|h| serde_json::to_value(h).ok())
-        .unwrap_or_else(|| Value::Object(Map::new()))
+/// A parent header as Jupyter clients read it: `{}` when there is none.
+struct ParentJson<'a>(Option<&'a Header>);
+
+impl Serialize for ParentJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(header) => header.serialize(serializer),
+            None => serializer.serialize_map(Some(0))?.end(),
+        }
+    }
+}
+
+/// The JSON object of a kernel message for Jupyter clients, borrowing every part from the
+/// message: serialised straight from it, nothing copied (a multi-MB stream message is not
+/// cloned per client).
+#[derive(Serialize)]
+struct JsonFrame<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    buffers: Option<[(); 0]>,
+    channel: &'static str,
+    content: &'a Value,
+    header: &'a Header,
+    metadata: &'a Value,
+    msg_id: &'a str,
+    msg_type: &'a str,
+    parent_header: ParentJson<'a>,
+}
+
+impl<'a> JsonFrame<'a> {
+    fn new(channel: Channel, msg: &'a Message, with_buffers: bool) -> Self {
+        Self {
+            buffers: with_buffers.then_some([]),
+            channel: channel.as_str(),
+            content: &msg.content,
+            header: &msg.header,
+            metadata: &msg.metadata,
+            msg_id: &msg.header.msg_id,
+            msg_type: &msg.header.msg_type,
+            parent_header: ParentJson(msg.parent_header.as_ref()),
+        }
+    }
+}
+
+/// A kernel message as the JSON text Jupyter clients read (buffers left out; see
+/// [`encode_legacy_binary`] for messages that have them). The same object as [`to_json`],
+/// serialised without building it.
+pub fn to_json_text(channel: Channel, msg: &Message) -> String {
+    serde_json::to_string(&JsonFrame::new(channel, msg, true)).unwrap_or_else(|e| {
+        // Cannot happen for these types; say so rather than panic.
+        tracing::warn!(error = %e, "cannot encode a kernel message");
+        String::from("{}")
+    })
 }
 
 /// A kernel message as the JSON object Jupyter clients read (buffers left out; see
@@ -264,7 +313,7 @@ pub fn to_json(channel: Channel, msg: &Message) -> Value {
         "header": msg.header,
         "msg_id": msg.header.msg_id,
         "msg_type": msg.header.msg_type,
-        "parent_header": parent_json(msg),
+        "parent_header": ParentJson(msg.parent_header.as_ref()),
         "metadata": msg.metadata,
         "content": msg.content,
         "buffers": [],
@@ -273,11 +322,8 @@ pub fn to_json(channel: Channel, msg: &Message) -> Value {
 
 /// The legacy binary frame of a message with buffers.
 pub fn encode_legacy_binary(channel: Channel, msg: &Message) -> Vec<u8> {
-    let mut value = to_json(channel, msg);
-    if let Some(map) = value.as_object_mut() {
-        map.remove("buffers");
-    }
-    let json = value.to_string().into_bytes();
+    let json =
+        serde_json::to_vec(&JsonFrame::new(channel, msg, false)).unwrap_or_else(|_| b"{}".to_vec());
     let parts: Vec<&[u8]> = std::iter::once(json.as_slice())
         .chain(msg.buffers.iter().map(|b| b.as_ref()))
         .collect();
@@ -304,7 +350,8 @@ pub fn encode_legacy_binary(channel: Channel, msg: &Message) -> Vec<u8> {
 pub fn encode_v1(channel: Channel, msg: &Message) -> Vec<u8> {
     let json_parts = [
         serde_json::to_vec(&msg.header).unwrap_or_else(|_| b"{}".to_vec()),
-        serde_json::to_vec(&parent_json(msg)).unwrap_or_else(|_| b"{}".to_vec()),
+        serde_json::to_vec(&ParentJson(msg.parent_header.as_ref()))
+            .unwrap_or_else(|_| b"{}".to_vec()),
         serde_json::to_vec(&msg.metadata).unwrap_or_else(|_| b"{}".to_vec()),
         serde_json::to_vec(&msg.content).unwrap_or_else(|_| b"{}".to_vec()),
     ];
@@ -356,6 +403,24 @@ mod tests {
         assert_eq!(decoded.msg.header, msg.header);
         assert_eq!(decoded.msg.content, msg.content);
         assert_eq!(decoded.msg.buffers, msg.buffers);
+    }
+
+    #[test]
+    fn json_text_is_the_to_json_object() {
+        let mut msg = Message::new("stream", "k", json!({"name": "stdout", "text": "a\n\"b\""}));
+        for parent in [None, Some(Header::new("execute_request", "s1", "u"))] {
+            msg.parent_header = parent;
+            let text: Value = serde_json::from_str(&to_json_text(Channel::IoPub, &msg)).unwrap();
+            assert_eq!(text, to_json(Channel::IoPub, &msg));
+        }
+        msg.buffers = vec![Bytes::from_static(b"buf")];
+        let frame = encode_legacy_binary(Channel::IoPub, &msg);
+        let parts = split_parts(&frame, 4, true).unwrap();
+        let legacy: Value = serde_json::from_slice(parts[0]).unwrap();
+        let mut expected = to_json(Channel::IoPub, &msg);
+        expected.as_object_mut().unwrap().remove("buffers");
+        assert_eq!(legacy, expected);
+        assert_eq!(parts[1], b"buf");
     }
 
     #[test]

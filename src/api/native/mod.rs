@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
-use self::render::{EMPTY_LIST, render};
+use self::render::{EMPTY_LIST, render, to_text};
 use super::error::AppError;
 use super::metrics::{Front, Relay, frame_len};
 use super::slow_client::{Sent, cut_off, send_or_cut_off};
@@ -59,7 +59,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
     let replay: Vec<String> = subscription
         .missed
         .iter()
-        .filter_map(|event| render(event).and_then(|m| serde_json::to_string(&m).ok()))
+        .filter_map(|event| render(event).and_then(|m| to_text(&m).ok()))
         .collect();
     let greeting = match since {
         Some(since) => ServerEvent::Resumed {
@@ -102,7 +102,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
                     None => break,
                 },
                 event = events.recv() => match event {
-                    Ok(event) => match render(&event).map(|m| serde_json::to_string(&m)) {
+                    Ok(event) => match render(&event).map(|m| to_text(&m)) {
                         Some(Ok(text)) => (text, Some(event.seq)),
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "cannot encode event");
