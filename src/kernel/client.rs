@@ -27,6 +27,7 @@
 //! requests carry a msg_id prefix private to this client. ipykernel's `iopub_welcome` (sent to a
 //! new `""` subscriber) is connection chatter too and is not forwarded either.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -96,8 +97,11 @@ pub enum KernelError {
 }
 
 /// Something the kernel said (or the heartbeat noticed), in arrival order per channel.
-// Nearly every value is a `Message`; boxing it would cost an allocation per message for nothing.
-#[allow(clippy::large_enum_variant)]
+///
+/// The message is shared (`Arc`) from the start: the session keeps it that way in its events, so
+/// this costs no allocation more than a `Message` by value, and keeps this type 16 bytes. (By
+/// value it is ~460 bytes, and a tokio channel allocates its slots 32 at a time: ~15 KiB per
+/// kernel for the `Incoming` queue alone, and every future holding one grows by as much.)
 #[derive(Debug)]
 pub enum Incoming {
     /// A verified message from `channel` (shell, iopub, stdin or control).
@@ -105,7 +109,7 @@ pub enum Incoming {
         /// Where it came from.
         channel: Channel,
         /// The message.
-        msg: Message,
+        msg: Arc<Message>,
     },
     /// The heartbeat missed `heartbeat_misses` pings in a row.
     HeartbeatLost,
@@ -272,7 +276,7 @@ impl KernelClient {
         &self,
         channel: Channel,
         ready_prefix: &str,
-        mut replies: mpsc::Receiver<(Channel, Message)>,
+        mut replies: mpsc::Receiver<(Channel, Box<Message>)>,
     ) -> Result<Value, KernelError> {
         let mut retry = tokio::time::interval(READY_RETRY);
         retry.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -490,8 +494,9 @@ struct Reader {
     incoming: mpsc::Sender<Incoming>,
     /// msg_id prefix of this client's readiness requests.
     ready_prefix: String,
-    /// Where readiness replies go while `connect` waits for them (closed afterwards).
-    ready: mpsc::Sender<(Channel, Message)>,
+    /// Where readiness replies go while `connect` waits for them (closed afterwards). Boxed:
+    /// they are few, and the channel's slots stay small for as long as the readers live.
+    ready: mpsc::Sender<(Channel, Box<Message>)>,
 }
 
 impl Reader {
@@ -510,10 +515,11 @@ impl Reader {
                 .parent_id()
                 .is_some_and(|id| id.starts_with(&self.ready_prefix));
         if readiness {
-            let _ = self.ready.try_send((self.channel, msg));
+            let _ = self.ready.try_send((self.channel, Box::new(msg)));
             return;
         }
         let channel = self.channel;
+        let msg = Arc::new(msg);
         // A dropped receiver means nobody listens any more: keep draining, discard.
         let _ = self.incoming.send(Incoming::Message { channel, msg }).await;
     }

@@ -17,6 +17,13 @@ pub const DELIMITER: &[u8] = b"<IDS|MSG>";
 /// Frames after the delimiter every message has: signature + the four signed JSON frames.
 const MIN_FRAMES_AFTER_DELIMITER: usize = 5;
 
+/// Identity and buffer frames up to this size are copied out of the frames they arrive in.
+/// A received frame is a slice of its socket's read buffer (up to 64 KiB, shared by every frame
+/// read with it), and a decoded message can live long (a session buffers its events for
+/// replay): a slice kept would keep the whole read buffer alive. Larger frames are most of
+/// their allocation anyway and are kept as they are.
+const COPY_OUT_LIMIT: usize = 64 << 10;
+
 /// Why frames could not be turned into a message (or a message into frames).
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -94,7 +101,8 @@ pub fn encode(msg: &Message, signer: &Signer) -> Result<Vec<Bytes>, CodecError> 
 }
 
 /// Verifies and parses wire frames into a message. Identities before the delimiter and buffers
-/// after the content are kept as they are (no copy); `{}` as parent header becomes `None`.
+/// after the content are kept (small ones copied into allocations of their own, see
+/// [`COPY_OUT_LIMIT`]); `{}` as parent header becomes `None`.
 pub fn decode(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Message, CodecError> {
     let total = frames.len();
     let delimiter = frames
@@ -106,12 +114,16 @@ pub fn decode(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Message, CodecE
         return Err(CodecError::TooFewFrames { found: after });
     }
 
-    // Split into [identities][delimiter, signature, 4 JSON][buffers] without copying bytes.
-    let buffers = frames.split_off(delimiter + 1 + MIN_FRAMES_AFTER_DELIMITER);
-    let body = frames.split_off(delimiter);
-    let identities = frames;
-    let [_, signature, header, parent, metadata, content] =
-        <[Bytes; 6]>::try_from(body).map_err(|rest| CodecError::TooFewFrames {
+    // Split into [identities][delimiter, signature, 4 JSON][buffers]. Identities and buffers
+    // get vectors of their exact size (none when empty): the message may be kept long, and the
+    // frames' vector is sized for all of them.
+    let buffers: Vec<Bytes> = frames
+        .drain(delimiter + 1 + MIN_FRAMES_AFTER_DELIMITER..)
+        .map(unshare)
+        .collect();
+    let identities: Vec<Bytes> = frames.drain(..delimiter).map(unshare).collect();
+    let [_, signature, header, parent, metadata, content] = <[Bytes; 6]>::try_from(frames)
+        .map_err(|rest| CodecError::TooFewFrames {
             found: rest.len().saturating_sub(1),
         })?;
 
@@ -134,6 +146,15 @@ pub fn decode(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Message, CodecE
         content,
         buffers,
     })
+}
+
+/// `frame`, copied into an allocation of its own when it is small (see [`COPY_OUT_LIMIT`]).
+fn unshare(frame: Bytes) -> Bytes {
+    if frame.is_empty() || frame.len() > COPY_OUT_LIMIT {
+        frame
+    } else {
+        Bytes::copy_from_slice(&frame)
+    }
 }
 
 /// `serde_json::to_vec` with the frame named in the error.
@@ -381,5 +402,35 @@ mod tests {
         );
         assert_eq!(msg.msg_type(), "t");
         assert_eq!(msg.content["execution_state"], "idle");
+    }
+
+    #[test]
+    fn small_frames_do_not_keep_the_read_buffer_alive() {
+        let s = signer();
+        // Every frame a slice of one "read buffer", as the socket hands them over.
+        let mut wire = b"kernel.abc.status".to_vec();
+        let mut bounds = vec![(0, wire.len())];
+        let mut frames_owned = raw([HEADER, b"{}", b"{}", b"{}"], &s);
+        frames_owned.push(Bytes::from_static(b"\x00binary"));
+        for frame in &frames_owned {
+            let start = wire.len();
+            wire.extend_from_slice(frame);
+            bounds.push((start, wire.len()));
+        }
+        let read_buffer = Bytes::from(wire);
+        let frames: Vec<Bytes> = bounds
+            .iter()
+            .map(|&(a, b)| read_buffer.slice(a..b))
+            .collect();
+        let msg = decode(frames, &s).unwrap();
+        let inside = |b: &Bytes| {
+            let range = read_buffer.as_ptr_range();
+            range.contains(&b.as_ptr())
+        };
+        assert_eq!(msg.identities[0].as_ref(), b"kernel.abc.status");
+        assert_eq!(msg.buffers[0].as_ref(), b"\x00binary");
+        assert!(!inside(&msg.identities[0]) && !inside(&msg.buffers[0]));
+        // The read buffer is now only ours: nothing the message holds points into it.
+        assert!(read_buffer.is_unique());
     }
 }

@@ -657,7 +657,7 @@ impl Actor {
         }
     }
 
-    async fn on_message(&mut self, channel: Channel, msg: Message) {
+    async fn on_message(&mut self, channel: Channel, msg: Arc<Message>) {
         self.update_status(|s| s.last_activity = Utc::now());
         let parent = msg.parent_id().map(str::to_owned);
         if parent
@@ -675,13 +675,7 @@ impl Actor {
         {
             if channel == Channel::Shell {
                 self.queries.remove(p);
-                self.emit(
-                    Some(id),
-                    EventKind::Kernel {
-                        channel,
-                        msg: Arc::new(msg),
-                    },
-                );
+                self.emit(Some(id), EventKind::Kernel { channel, msg });
             }
             return;
         }
@@ -723,13 +717,7 @@ impl Actor {
             self.finish_if_done();
             return;
         }
-        self.emit(
-            cell,
-            EventKind::Kernel {
-                channel,
-                msg: Arc::new(msg),
-            },
-        );
+        self.emit(cell, EventKind::Kernel { channel, msg });
         self.finish_if_done();
     }
 

@@ -185,7 +185,7 @@ pub async fn read_reply(
     seen.into_iter()
         .filter_map(|item| match item {
             Incoming::Message { channel, msg } if msg.parent_id() == Some(msg_id) => {
-                Some((channel, msg))
+                Some((channel, std::sync::Arc::unwrap_or_clone(msg)))
             }
             _ => None,
         })
