@@ -1,5 +1,5 @@
 //! Test helper: a real ipykernel process with its own connection file, temp dir and IPython dir,
-//! killed when dropped. Shared by `tests/kernel_*.rs` and `examples/direct_roundtrip.rs` via
+//! killed when dropped. Shared by `tests/kernel_*.rs` via
 //! `#[path]` so no `tests/common/mod.rs` is claimed.
 #![allow(dead_code)]
 
