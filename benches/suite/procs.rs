@@ -51,7 +51,6 @@ impl Proc {
             .args(["--bind", &addr.to_string(), "--token", TOKEN, "--ephemeral"])
             .args(["--rate-limit", "1000000", "--max-sessions", "1000"])
             .args(args)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
