@@ -103,6 +103,41 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
     result
 }
 
+/// Runs a heavy cell `samples` times on every path in turn (Kernel Gateway stock, which
+/// throttles output, once and with little patience); returns each path's times and outcomes.
+async fn heavy_rounds(
+    paths: &mut [Path],
+    samples: usize,
+    code: &str,
+) -> Result<Vec<Vec<(Duration, Outcome)>>, BoxError> {
+    let mut runs: Vec<Vec<(Duration, Outcome)>> = vec![Vec::new(); paths.len()];
+    for round in 0..samples {
+        for (i, path) in paths.iter_mut().enumerate() {
+            if path.throttled && round > 0 {
+                continue;
+            }
+            let patience = Duration::from_secs(if path.throttled { 30 } else { 120 });
+            let t = Instant::now();
+            let out = path
+                .client
+                .execute_within(code, patience)
+                .await
+                .map_err(|e| at(path, e))?;
+            let took = t.elapsed();
+            eprintln!(
+                "  {}: {} stdout bytes, {} stream messages, png {:?} in {:.2} s",
+                path.name,
+                out.stdout_bytes,
+                out.stream_msgs,
+                out.png.as_ref().map(|p| p.1),
+                took.as_secs_f64()
+            );
+            runs[i].push((took, out));
+        }
+    }
+    Ok(runs)
+}
+
 /// An error of `path`, saying which path it was.
 fn at(path: &Path, e: BoxError) -> BoxError {
     format!("{}: {e}", path.name).into()
@@ -181,30 +216,15 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
         ("batched", STREAM_BATCHED),
         ("flushed per line", STREAM_FLUSHED),
     ] {
-        let mut runs: Vec<Vec<(f64, Outcome)>> = vec![Vec::new(); paths.len()];
-        for round in 0..samples {
-            for (i, path) in paths.iter_mut().enumerate() {
-                if path.throttled && round > 0 {
-                    continue;
-                }
-                let patience = Duration::from_secs(if path.throttled { 30 } else { 120 });
-                let t = Instant::now();
-                let out = path
-                    .client
-                    .execute_within(code, patience)
-                    .await
-                    .map_err(|e| at(path, e))?;
-                let mbps = out.stdout_bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
-                eprintln!(
-                    "  {} {label}: {} bytes, {} messages in {:.2} s",
-                    path.name,
-                    out.stdout_bytes,
-                    out.stream_msgs,
-                    t.elapsed().as_secs_f64()
-                );
-                runs[i].push((mbps, out));
-            }
-        }
+        let runs: Vec<Vec<(f64, Outcome)>> = heavy_rounds(paths, samples, code)
+            .await?
+            .into_iter()
+            .map(|runs| {
+                runs.into_iter()
+                    .map(|(t, out)| (out.stdout_bytes as f64 / t.as_secs_f64() / 1e6, out))
+                    .collect()
+            })
+            .collect();
         let floor = of(&runs[0].iter().map(|r| r.0).collect::<Vec<_>>()).median;
         for (path, runs) in paths.iter().zip(&runs) {
             let rates = of(&runs.iter().map(|r| r.0).collect::<Vec<_>>());
@@ -242,30 +262,21 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
             .map_err(|e| at(path, e))?;
         expected.push(out.result.unwrap_or_default().trim_matches('\'').to_owned());
     }
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
-    let mut intact = vec![0usize; paths.len()];
+    let runs = heavy_rounds(paths, samples, PNG_SHOW).await?;
     let mut size = 0;
-    for round in 0..samples {
-        for (i, path) in paths.iter_mut().enumerate() {
-            if path.throttled && round > 0 {
-                continue;
-            }
-            let patience = Duration::from_secs(if path.throttled { 30 } else { 120 });
-            let t = Instant::now();
-            let out = path
-                .client
-                .execute_within(PNG_SHOW, patience)
-                .await
-                .map_err(|e| at(path, e))?;
-            times[i].push(t.elapsed());
-            if let Some((sha, len)) = &out.png {
-                size = *len;
-                if *sha == expected[i] {
-                    intact[i] += 1;
-                }
+    let mut intact = vec![0usize; paths.len()];
+    for (i, runs) in runs.iter().enumerate() {
+        for (sha, len) in runs.iter().filter_map(|(_, out)| out.png.as_ref()) {
+            size = *len;
+            if *sha == expected[i] {
+                intact[i] += 1;
             }
         }
     }
+    let times: Vec<Vec<Duration>> = runs
+        .iter()
+        .map(|runs| runs.iter().map(|(t, _)| *t).collect())
+        .collect();
     let floor = millis(&times[0]).median;
     let mut table = Table::new(
         &format!(

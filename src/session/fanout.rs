@@ -4,11 +4,11 @@
 //! not taken yet are kept up to [`UNREAD_ALLOWANCE`] times those limits, so a burst (one 20 MB
 //! output, 10,000 small ones) never cuts off a client that keeps up. A subscriber that falls
 //! further behind is told how many it lost (`Lagged`), never slows the kernel or other
-//! subscribers, and memory stays bounded whatever the number or speed of subscribers. A client that reconnects resumes from its last seen sequence number:
-//! it gets what it missed (if still buffered), in order, exactly once, then live events.
+//! subscribers, and memory stays bounded whatever the number or speed of subscribers. A client
+//! that reconnects resumes from its last seen sequence number: it gets what it missed (if still
+//! buffered), in order, exactly once, then live events.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -80,7 +80,6 @@ impl Buffer {
 pub(crate) struct Fanout {
     buffer: Mutex<Buffer>,
     arrived: Notify,
-    subscribers: AtomicUsize,
     limits: ReplayLimits,
 }
 
@@ -97,7 +96,6 @@ impl Fanout {
                 next_key: 0,
             }),
             arrived: Notify::new(),
-            subscribers: AtomicUsize::new(0),
             limits,
         }
     }
@@ -110,12 +108,16 @@ impl Fanout {
             buffer.bytes += size;
             buffer.events.push_back((event, size));
             let limits = self.limits;
-            let slowest = buffer.cursors.values().min().copied().unwrap_or(u64::MAX);
+            // Looked up only once the buffer is over its limits: not on every publish.
+            let mut slowest = None;
             while buffer.events.len() > 1 {
                 let (count, older_bytes) = (buffer.events.len(), buffer.bytes - size);
                 if count <= limits.events.max(1) && older_bytes <= limits.bytes {
                     break;
                 }
+                let slowest = *slowest.get_or_insert_with(|| {
+                    buffer.cursors.values().min().copied().unwrap_or(u64::MAX)
+                });
                 let unread = buffer.events.front().is_some_and(|(e, _)| e.seq >= slowest);
                 let over_allowance = count > limits.events.max(1).saturating_mul(UNREAD_ALLOWANCE)
                     || older_bytes > limits.bytes.saturating_mul(UNREAD_ALLOWANCE);
@@ -172,7 +174,6 @@ impl Fanout {
         buffer.next_key += 1;
         buffer.cursors.insert(key, last_seq + 1);
         drop(buffer);
-        self.subscribers.fetch_add(1, Ordering::Relaxed);
         Subscription {
             missed,
             dropped,
@@ -187,7 +188,7 @@ impl Fanout {
 
     /// Live subscribers now.
     pub(crate) fn subscribers(&self) -> usize {
-        self.subscribers.load(Ordering::Relaxed)
+        self.buffer.lock().map_or(0, |b| b.cursors.len())
     }
 
     /// Sequence number of the latest event.
@@ -257,7 +258,6 @@ impl Drop for Subscriber {
         if let Ok(mut buffer) = self.fanout.buffer.lock() {
             buffer.cursors.remove(&key);
         }
-        self.fanout.subscribers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
