@@ -187,6 +187,15 @@ async fn upload_compute_download(server: &TestServer) {
         serde_json::json!([])
     );
 
+    // A cell that fails still reports what it wrote before failing.
+    let failing = ws
+        .run("open('output/zz_partial.txt', 'w').write('half'); 1/0")
+        .await;
+    assert_eq!(failing.status(), "error", "{:?}", failing.events);
+    let done = failing.events.last().expect("done");
+    assert_eq!(done["files"][0]["path"], "output/zz_partial.txt", "{done}");
+    assert_eq!(done["files"].as_array().map(Vec::len), Some(1), "{done}");
+
     let (status, bytes) = get(server, &id, "output/result.txt").await;
     assert_eq!(status, 200);
     assert_eq!(bytes, b"total=10\n");

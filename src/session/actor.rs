@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::changed_files::{self, ChangedFile};
+use super::changed_files::{ChangedFile, FilesTracker};
 use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
 use super::fanout::{Fanout, json_size};
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
@@ -74,9 +74,8 @@ pub(crate) struct Actor {
     forwards: VecDeque<(Channel, Message, Arc<str>)>,
     /// Completion/inspection queries waiting for the kernel to be ready.
     pending_queries: VecDeque<(&'static str, Value, CodeQuery)>,
-    /// The `user_expressions` entry listing changed files (when the kernel's working dir is
-    /// known).
-    files_expression: Option<String>,
+    /// The kernel's files hook, for `done.files` (when the kernel's working dir is known).
+    files: Option<FilesTracker>,
     /// Package installs: the backend's installer, what waits, what runs and its updates.
     installer: Option<Arc<dyn PackageInstaller>>,
     installs: VecDeque<(Arc<str>, Vec<String>, bool)>,
@@ -116,10 +115,10 @@ impl Actor {
         status: Arc<Mutex<Status>>,
         last_seq: u64,
     ) -> Self {
-        let files_expression = kernel
+        let files = kernel
             .process
             .kernel_work_dir()
-            .map(|dir| changed_files::user_expression(&dir));
+            .map(|dir| FilesTracker::new(&dir));
         let installer = kernel.process.packages();
         let (install_tx, install_rx) = mpsc::channel(1024);
         let mut actor = Self {
@@ -132,7 +131,7 @@ impl Actor {
             refresh_imports: false,
             internal: VecDeque::new(),
             cell_seconds: metrics::histogram!(m::EXECUTE_DURATION),
-            files_expression,
+            files,
             id,
             opts,
             commands,
@@ -239,6 +238,9 @@ impl Actor {
     }
 
     fn connect_with(&mut self, opts: crate::kernel::ClientOptions) {
+        if let Some(files) = self.files.as_mut() {
+            files.kernel_replaced();
+        }
         let info = self.process.connection().clone();
         self.connecting = Some(Box::pin(
             async move { KernelClient::connect(&info, opts).await },
@@ -283,10 +285,10 @@ impl Actor {
             self.queue.push_front(request);
             return Ok(());
         };
-        let user_expressions = match &self.files_expression {
-            Some(expr) => json!({ changed_files::USER_EXPRESSION: expr }),
-            None => json!({}),
-        };
+        let user_expressions = self
+            .files
+            .as_ref()
+            .map_or_else(|| json!({}), FilesTracker::user_expressions);
         let content = json!({
             "code": request.code,
             "silent": request.silent,
@@ -698,7 +700,7 @@ impl Actor {
                     .and_then(Value::as_str)
                     .unwrap_or("error");
                 let count = msg.content.get("execution_count").and_then(Value::as_i64);
-                let files = changed_files::from_reply(&msg.content);
+                let files = self.files.as_mut().and_then(|f| f.read_reply(&msg.content));
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
                     r.files = files;

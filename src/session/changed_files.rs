@@ -1,20 +1,28 @@
 //! The files a cell wrote, reported in its `done` event.
 //!
-//! How: every native `execute_request` carries a `user_expressions` entry
-//! ([`USER_EXPRESSION`]) that the kernel evaluates right after the cell (only when the cell
-//! succeeded — that is how IPython treats user expressions). The expression scans `output/` under
+//! How: the first native cell a kernel process runs carries a `user_expressions` entry
+//! ([`USER_EXPRESSION`]) that installs a small `post_execute` hook in the kernel (kept on its
+//! `sys` module, out of the user's namespace). After every cell the hook scans `output/` under
 //! the kernel's initial working directory (at most [`MAX_SCANNED`] files, depth first, sorted),
-//! compares it with the previous scan (kept on the kernel's `sys` module, out of the user's
-//! namespace) and returns the paths created or changed (size or mtime) as JSON. This costs no
-//! extra round trip to the engine or the kernel: the answer arrives in the `execute_reply` the
-//! session waits for anyway. A cell that fails reports nothing; what it wrote shows up after the
-//! next cell that succeeds. Kernels that are not Python just answer with an error, ignored.
+//! compares it with the previous scan and, when something was created or changed (size or
+//! mtime), adds a payload (`source: kernelbox.files`) to the cell's `execute_reply`. A cell that
+//! changed nothing costs one directory scan in the kernel and not a byte on the wire; no cell
+//! costs an extra round trip. The hook runs whether the cell succeeded or failed.
+//!
+//! The installing expression runs after its cell (IPython evaluates user expressions only for
+//! cells that succeed, so it is sent again until one does) and reports that cell's changes
+//! itself. A new kernel process (restart, takeover) gets the hook again; installing twice
+//! replaces the old hook. Kernels that are not IPython answer the expression with an error and
+//! are not asked again: their cells have no `files`.
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-/// The key of the user expression in `user_expressions`.
+/// The key of the installing expression in `user_expressions`.
 pub(crate) const USER_EXPRESSION: &str = "kernelbox_files";
+
+/// The `source` of the payload entry the hook adds to an `execute_reply`.
+pub(crate) const PAYLOAD_SOURCE: &str = "kernelbox.files";
 
 /// The directory (relative to the working dir) whose files are reported.
 pub const OUTPUT_DIR: &str = "output";
@@ -34,13 +42,15 @@ pub struct ChangedFile {
     pub modified: String,
 }
 
-/// The helper's source, defined once per kernel process on `sys`.
+/// The hook's source, run once per kernel process with `ROOT` and `LIMIT` defined. It reports
+/// the installing cell's own changes at once (its `post_execute` has passed).
 const HELPER: &str = r#"
-import os, sys, json
-def _kernelbox_changed_files(root, limit, _state={}):
-    base = os.path.join(root, 'output')
+import os, sys
+from IPython import get_ipython
+
+def _scan(root=ROOT, limit=LIMIT, _state=sys.__dict__.setdefault('_kernelbox_files_state', {})):
     cur = {}
-    for dirpath, dirnames, filenames in os.walk(base):
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, 'output')):
         dirnames.sort()
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
@@ -55,79 +65,168 @@ def _kernelbox_changed_files(root, limit, _state={}):
             break
     prev = _state.get('prev', {})
     _state['prev'] = cur
-    changed = [{'path': p, 'size': s, 'modified_ns': m}
-               for p, (s, m) in cur.items() if prev.get(p) != (s, m)]
-    class _Json:
-        def __init__(self, text): self.text = text
-        def __repr__(self): return self.text
-        def _repr_pretty_(self, p, cycle): p.text(self.text)
-    return _Json(json.dumps(changed))
-sys._kernelbox_changed_files = _kernelbox_changed_files
+    return [{'path': p, 'size': s, 'modified_ns': m}
+            for p, (s, m) in cur.items() if prev.get(p) != (s, m)]
+
+def _kernelbox_files_hook(_scan=_scan, _ip=get_ipython()):
+    changed = _scan()
+    if changed:
+        _ip.payload_manager.write_payload({'source': SOURCE, 'files': changed})
+
+_ip = get_ipython()
+_old = getattr(sys, '_kernelbox_files_hook', None)
+if _old is not None:
+    try:
+        _ip.events.unregister('post_execute', _old)
+    except ValueError:
+        pass
+_ip.events.register('post_execute', _kernelbox_files_hook)
+sys._kernelbox_files_hook = _kernelbox_files_hook
+_kernelbox_files_hook()
 "#;
 
-/// The Python expression for `user_expressions`, scanning `output/` under `work_dir` (the
-/// kernel's own view of its working directory).
-pub(crate) fn user_expression(work_dir: &str) -> String {
-    let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "''".to_owned());
-    format!(
-        "(lambda s: (getattr(s, '_kernelbox_changed_files', None) or \
-         (exec({helper}, {{}}), s._kernelbox_changed_files)[1])({root}, {MAX_SCANNED}))\
-         (__import__('sys'))",
-        helper = literal(HELPER),
-        root = literal(work_dir),
-    )
+/// Whether the kernel process has the hook, as far as the session knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// Not yet: the next cell carries the installing expression.
+    Absent,
+    /// Installed: every reply's payload says what changed.
+    Installed,
+    /// The kernel cannot have it (not IPython): no `files`.
+    Unsupported,
 }
 
-/// The changed files in an `execute_reply`'s content; `None` when the expression did not run
-/// or failed.
-pub(crate) fn from_reply(content: &Value) -> Option<Vec<ChangedFile>> {
-    let result = content.get("user_expressions")?.get(USER_EXPRESSION)?;
-    if result.get("status").and_then(Value::as_str) != Some("ok") {
-        return None;
+/// Tracks a kernel's files hook and reads the changed files out of execute replies.
+#[derive(Debug)]
+pub(crate) struct FilesTracker {
+    /// The installing expression (it embeds the kernel's working directory).
+    install: String,
+    hook: Hook,
+}
+
+impl FilesTracker {
+    /// A tracker for a kernel whose working directory (as the kernel sees it) is `work_dir`.
+    pub(crate) fn new(work_dir: &str) -> Self {
+        let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "''".to_owned());
+        let install = format!(
+            "exec({helper}, {{'ROOT': {root}, 'LIMIT': {MAX_SCANNED}, 'SOURCE': {source}}})",
+            helper = literal(HELPER),
+            root = literal(work_dir),
+            source = literal(PAYLOAD_SOURCE),
+        );
+        Self {
+            install,
+            hook: Hook::Absent,
+        }
     }
-    let text = result.get("data")?.get("text/plain")?.as_str()?;
-    let list: Vec<Value> = serde_json::from_str(text).ok()?;
-    Some(
-        list.iter()
-            .filter_map(|entry| {
-                let path = entry.get("path")?.as_str()?.to_owned();
-                let size = entry.get("size")?.as_u64()?;
-                let nanos = entry.get("modified_ns")?.as_i64()?;
-                let modified = chrono::DateTime::from_timestamp_nanos(nanos)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                Some(ChangedFile {
-                    path,
-                    size,
-                    modified,
-                })
-            })
-            .collect(),
-    )
+
+    /// The `user_expressions` of the next cell: the installer while the hook is absent.
+    pub(crate) fn user_expressions(&self) -> Value {
+        match self.hook {
+            Hook::Absent => json!({ USER_EXPRESSION: self.install }),
+            Hook::Installed | Hook::Unsupported => json!({}),
+        }
+    }
+
+    /// The kernel process was replaced (restart, reconnect): its hook is gone.
+    pub(crate) fn kernel_replaced(&mut self) {
+        if self.hook == Hook::Installed {
+            self.hook = Hook::Absent;
+        }
+    }
+
+    /// The files a cell created or changed, from its `execute_reply`'s content; `None` when
+    /// not known (the hook is not installed yet, or cannot be).
+    pub(crate) fn read_reply(&mut self, content: &Value) -> Option<Vec<ChangedFile>> {
+        let installer = content
+            .get("user_expressions")
+            .and_then(|u| u.get(USER_EXPRESSION))
+            .and_then(|r| r.get("status"))
+            .and_then(Value::as_str);
+        match (self.hook, installer) {
+            (_, Some("ok")) => self.hook = Hook::Installed,
+            (Hook::Absent, Some(_)) => self.hook = Hook::Unsupported,
+            _ => {}
+        }
+        if self.hook != Hook::Installed {
+            return None;
+        }
+        let changed = content
+            .get("payload")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|p| p.get("source").and_then(Value::as_str) == Some(PAYLOAD_SOURCE))
+            .filter_map(|p| p.get("files").and_then(Value::as_array))
+            .flatten()
+            .filter_map(changed_file)
+            .collect();
+        Some(changed)
+    }
+}
+
+/// One entry of the hook's list.
+fn changed_file(entry: &Value) -> Option<ChangedFile> {
+    let path = entry.get("path")?.as_str()?.to_owned();
+    let size = entry.get("size")?.as_u64()?;
+    let nanos = entry.get("modified_ns")?.as_i64()?;
+    let modified = chrono::DateTime::from_timestamp_nanos(nanos)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    Some(ChangedFile {
+        path,
+        size,
+        modified,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    #[test]
-    fn a_reply_with_the_expression_gives_the_files() {
-        let content = json!({"status": "ok", "user_expressions": {USER_EXPRESSION: {
-            "status": "ok",
-            "data": {"text/plain": r#"[{"path": "output/a.txt", "size": 3, "modified_ns": 1700000000000000000}]"#},
-            "metadata": {}}}});
-        let files = from_reply(&content).unwrap();
-        assert_eq!(files.len(), 1);
-        assert_eq!(files[0].path, "output/a.txt");
-        assert_eq!(files[0].size, 3);
-        assert_eq!(files[0].modified, "2023-11-14T22:13:20.000Z");
+    fn reply(installer: Option<&str>, files: Option<Value>) -> Value {
+        let mut content = json!({"status": "ok", "user_expressions": {}, "payload": []});
+        if let Some(status) = installer {
+            content["user_expressions"][USER_EXPRESSION] = json!({"status": status});
+        }
+        if let Some(files) = files {
+            content["payload"] = json!([{"source": PAYLOAD_SOURCE, "files": files}]);
+        }
+        content
     }
 
     #[test]
-    fn a_failed_expression_gives_nothing() {
-        let content = json!({"status": "ok", "user_expressions": {USER_EXPRESSION: {
-            "status": "error", "ename": "NameError"}}});
-        assert_eq!(from_reply(&content), None);
-        assert_eq!(from_reply(&json!({"status": "error"})), None);
+    fn the_installer_goes_out_until_a_reply_says_it_ran() {
+        let mut t = FilesTracker::new("/work");
+        assert!(t.user_expressions()[USER_EXPRESSION].is_string());
+        // A failed cell: IPython evaluated nothing, so nothing is known and it is sent again.
+        assert_eq!(
+            t.read_reply(&json!({"status": "error", "user_expressions": {}})),
+            None
+        );
+        assert!(t.user_expressions()[USER_EXPRESSION].is_string());
+
+        let files = json!([{"path": "output/a.txt", "size": 3, "modified_ns": 1_700_000_000_000_000_000_i64}]);
+        let got = t.read_reply(&reply(Some("ok"), Some(files))).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].path, "output/a.txt");
+        assert_eq!(got[0].size, 3);
+        assert_eq!(got[0].modified, "2023-11-14T22:13:20.000Z");
+        assert_eq!(t.user_expressions(), json!({}));
+
+        // Installed: a reply without the payload means nothing changed.
+        assert_eq!(t.read_reply(&reply(None, None)), Some(Vec::new()));
+        // A new kernel process needs the hook again.
+        t.kernel_replaced();
+        assert!(t.user_expressions()[USER_EXPRESSION].is_string());
+    }
+
+    #[test]
+    fn a_kernel_that_cannot_run_the_installer_is_not_asked_again() {
+        let mut t = FilesTracker::new("/work");
+        assert_eq!(t.read_reply(&reply(Some("error"), None)), None);
+        assert_eq!(t.user_expressions(), json!({}));
+        assert_eq!(t.read_reply(&reply(None, None)), None);
+        t.kernel_replaced();
+        assert_eq!(t.user_expressions(), json!({}));
     }
 }
