@@ -218,9 +218,9 @@ impl Client {
                         outcome.stdout.push_str(text);
                     }
                 }
-                (Channel::IoPub, "execute_result") => outcome.results.push(content.clone()),
-                (Channel::IoPub, "display_data") => outcome.displays.push(content.clone()),
-                (Channel::IoPub, "error") => outcome.error = Some(content.clone()),
+                (Channel::IoPub, "execute_result") => outcome.results.push(content.value().clone()),
+                (Channel::IoPub, "display_data") => outcome.displays.push(content.value().clone()),
+                (Channel::IoPub, "error") => outcome.error = Some(content.value().clone()),
                 _ => {}
             }
         }

@@ -302,9 +302,9 @@ impl KernelClient {
                         }
                         (from, "kernel_info_reply") if from == channel => {
                             if with_status.contains(&parent) {
-                                return Ok(msg.content);
+                                return Ok(msg.content.value().clone());
                             }
-                            with_reply.insert(parent, msg.content);
+                            with_reply.insert(parent, msg.content.value().clone());
                         }
                         _ => {}
                     }

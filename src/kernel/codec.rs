@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::content::{Content, ContentError};
 use super::message::{Header, Message};
 use super::signer::{Signer, VerifyError};
 
@@ -17,7 +18,8 @@ pub const DELIMITER: &[u8] = b"<IDS|MSG>";
 /// Frames after the delimiter every message has: signature + the four signed JSON frames.
 const MIN_FRAMES_AFTER_DELIMITER: usize = 5;
 
-/// Identity and buffer frames up to this size are copied out of the frames they arrive in.
+/// Identity, content and buffer frames up to this size are copied out of the frames they arrive
+/// in.
 /// A received frame is a slice of its socket's read buffer (up to 64 KiB, shared by every frame
 /// read with it), and a decoded message can live long (a session buffers its events for
 /// replay): a slice kept would keep the whole read buffer alive. Larger frames are most of
@@ -85,7 +87,7 @@ pub fn encode(msg: &Message, signer: &Signer) -> Result<Vec<Bytes>, CodecError> 
         None => b"{}".to_vec(),
     };
     let metadata = to_json("metadata", &msg.metadata)?;
-    let content = to_json("content", &msg.content)?;
+    let content = msg.content.to_bytes();
     let signature = signer.sign([&header, &parent, &metadata, &content]);
 
     let mut frames = Vec::with_capacity(msg.identities.len() + 6 + msg.buffers.len());
@@ -95,14 +97,15 @@ pub fn encode(msg: &Message, signer: &Signer) -> Result<Vec<Bytes>, CodecError> 
     frames.push(Bytes::from(header));
     frames.push(Bytes::from(parent));
     frames.push(Bytes::from(metadata));
-    frames.push(Bytes::from(content));
+    frames.push(content);
     frames.extend(msg.buffers.iter().cloned());
     Ok(frames)
 }
 
-/// Verifies and parses wire frames into a message. Identities before the delimiter and buffers
-/// after the content are kept (small ones copied into allocations of their own, see
-/// [`COPY_OUT_LIMIT`]); `{}` as parent header becomes `None`.
+/// Verifies and parses wire frames into a message. Identities before the delimiter, the content
+/// (checked to be JSON, not parsed: see [`Content`]) and buffers after it are kept as frames
+/// (small ones copied into allocations of their own, see [`COPY_OUT_LIMIT`]); `{}` as parent
+/// header becomes `None`.
 pub fn decode(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Message, CodecError> {
     let total = frames.len();
     let delimiter = frames
@@ -136,7 +139,16 @@ pub fn decode(mut frames: Vec<Bytes>, signer: &Signer) -> Result<Message, CodecE
         Some(parse_header("parent_header", &parent)?)
     };
     let metadata: Value = parse("metadata", &metadata)?;
-    let content: Value = parse("content", &content)?;
+    let content = Content::from_frame(unshare(content)).map_err(|e| match e {
+        ContentError::NotUtf8(source) => CodecError::NotUtf8 {
+            frame: "content",
+            source,
+        },
+        ContentError::NotJson(source) => CodecError::BadJson {
+            frame: "content",
+            source,
+        },
+    })?;
 
     Ok(Message {
         identities,

@@ -1,9 +1,11 @@
-//! Typed Jupyter messages: the header we originate and read, and a message whose content from
-//! the kernel stays raw JSON so that no field is lost when it is relayed.
+//! Typed Jupyter messages: the header we originate and read, and a message whose content stays
+//! the JSON text it came as, so that nothing is lost (or re-encoded) when it is relayed.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::content::Content;
 
 /// The protocol version we speak.
 pub const PROTOCOL_VERSION: &str = "5.3";
@@ -76,7 +78,8 @@ impl Header {
     }
 }
 
-/// One Jupyter message. `metadata` and `content` are raw JSON: relayed as the kernel sent them.
+/// One Jupyter message. `metadata` is kept as a value, `content` as the JSON text it came as
+/// (see [`Content`]): both are relayed as the kernel sent them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     /// ZeroMQ routing identities before the `<IDS|MSG>` delimiter (empty on DEALER/SUB reads,
@@ -89,7 +92,7 @@ pub struct Message {
     /// Free-form metadata.
     pub metadata: Value,
     /// The message content.
-    pub content: Value,
+    pub content: Content,
     /// Extra binary buffers after the content frame.
     pub buffers: Vec<Bytes>,
 }
@@ -102,7 +105,7 @@ impl Message {
             header: Header::new(msg_type, session, "kernelbox"),
             parent_header: None,
             metadata: Value::Object(Map::new()),
-            content,
+            content: Content::from_value(content),
             buffers: Vec::new(),
         }
     }

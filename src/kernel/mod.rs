@@ -4,11 +4,13 @@
 pub mod client;
 pub mod codec;
 pub mod connection;
+pub mod content;
 pub mod message;
 pub mod signer;
 
 pub use client::{ClientOptions, Incoming, KernelClient, KernelError};
 pub use codec::CodecError;
 pub use connection::{ConnectionInfo, Transport};
+pub use content::{Content, ContentError};
 pub use message::{Channel, Header, Message};
 pub use signer::{Signer, SignerError};

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::changed_files::{ChangedFile, FilesTracker};
 use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
-use super::fanout::{Fanout, json_size};
+use super::fanout::Fanout;
 use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
 use super::metrics::{self as m, Death, StartKind};
 use super::{Kernel, SessionOptions};
@@ -700,7 +700,10 @@ impl Actor {
                     .and_then(Value::as_str)
                     .unwrap_or("error");
                 let count = msg.content.get("execution_count").and_then(Value::as_i64);
-                let files = self.files.as_mut().and_then(|f| f.read_reply(&msg.content));
+                let files = self
+                    .files
+                    .as_mut()
+                    .and_then(|f| f.read_reply(msg.content.value()));
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
                     r.files = files;
@@ -726,14 +729,10 @@ impl Actor {
     /// Counts an output message of the running cell against the per-cell cap; `false` when it
     /// must be dropped (the first drop is announced, the total at the cell's end).
     fn within_output_cap(&mut self, msg: &Message) -> bool {
+        // Measured as the content's JSON text: what the cell's output costs to relay and keep.
         let size = match msg.msg_type() {
-            "stream" => msg
-                .content
-                .get("text")
-                .and_then(Value::as_str)
-                .map_or(0, str::len),
-            "display_data" | "update_display_data" | "execute_result" | "error" => {
-                json_size(&msg.content)
+            "stream" | "display_data" | "update_display_data" | "execute_result" | "error" => {
+                msg.content.len()
             }
             _ => return true,
         };

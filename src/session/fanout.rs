@@ -266,7 +266,7 @@ fn estimated_size(event: &SessionEvent) -> usize {
     const BASE: usize = 128;
     match &event.kind {
         EventKind::Kernel { msg, .. } => {
-            BASE + json_size(&msg.content)
+            BASE + msg.content.len()
                 + json_size(&msg.metadata)
                 + msg.buffers.iter().map(|b| b.len()).sum::<usize>()
         }

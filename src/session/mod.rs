@@ -24,7 +24,7 @@ pub use events::{EventKind, InstallEvent, KernelState, SessionEvent};
 pub use fanout::{RecvError, ReplayLimits, Subscriber, Subscription};
 // What the session layer's API hands up from below: the kernel messages its events carry and the
 // sandbox's words for kernels and their failures, so the front needs no layer but this one.
-pub use crate::kernel::{Channel, Header, Message};
+pub use crate::kernel::{Channel, Content, Header, Message};
 pub use crate::sandbox::{InstallError, KernelCommand, SandboxError};
 pub use handle::{CodeQuery, ExecuteRequest, Session, SessionError, SessionInfo};
 pub use manager::{CREATE_INSTALL_ID, CreateSession, Readiness, SessionManager, Startup};

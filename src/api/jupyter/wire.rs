@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 
-use crate::session::{Channel, Header, Message};
+use crate::session::{Channel, Content, Header, Message};
 
 /// The binary subprotocol's name.
 pub const V1_PROTOCOL: &str = "v1.kernel.websocket.jupyter.org";
@@ -111,7 +111,7 @@ fn assemble(
             header,
             parent_header,
             metadata: object_or_empty("metadata", metadata)?,
-            content: object_or_empty("content", content)?,
+            content: object_or_empty("content", content)?.into(),
             buffers,
         },
     })
@@ -271,7 +271,7 @@ struct JsonFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     buffers: Option<[(); 0]>,
     channel: &'static str,
-    content: &'a Value,
+    content: &'a Content,
     header: &'a Header,
     metadata: &'a Value,
     msg_id: &'a str,
@@ -353,7 +353,7 @@ pub fn encode_v1(channel: Channel, msg: &Message) -> Vec<u8> {
         serde_json::to_vec(&ParentJson(msg.parent_header.as_ref()))
             .unwrap_or_else(|_| b"{}".to_vec()),
         serde_json::to_vec(&msg.metadata).unwrap_or_else(|_| b"{}".to_vec()),
-        serde_json::to_vec(&msg.content).unwrap_or_else(|_| b"{}".to_vec()),
+        msg.content.as_json().as_bytes().to_vec(),
     ];
     let channel = channel.as_str().as_bytes();
     let parts: Vec<&[u8]> = std::iter::once(channel)

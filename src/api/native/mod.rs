@@ -270,9 +270,9 @@ fn local_error(id: Option<&str>, ename: &str, evalue: &str) -> String {
         seq: None,
         id,
         event: ServerEvent::Error {
-            ename,
-            evalue,
-            traceback: &EMPTY_LIST,
+            ename: ename.into(),
+            evalue: evalue.into(),
+            traceback: (&EMPTY_LIST).into(),
         },
     };
     serde_json::to_string(&message).unwrap_or_else(|_| {

@@ -6,8 +6,90 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::session::{ChangedFile, KernelState};
+
+/// A string of an event: one of kernelbox's own, or one the kernel wrote, relayed as the JSON
+/// string it is in the kernel's message (escapes and all: nothing is decoded and encoded again).
+#[derive(Debug, Clone, Copy)]
+pub enum Str<'a> {
+    /// Text of kernelbox's own.
+    Text(&'a str),
+    /// A JSON string from the kernel's message, as written there.
+    Raw(&'a RawValue),
+}
+
+impl<'a> From<&'a str> for Str<'a> {
+    fn from(text: &'a str) -> Self {
+        Str::Text(text)
+    }
+}
+
+impl Serialize for Str<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Str::Text(text) => serializer.serialize_str(text),
+            Str::Raw(raw) => raw.serialize(serializer),
+        }
+    }
+}
+
+impl JsonSchema for Str<'_> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "String".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        String::json_schema(generator)
+    }
+}
+
+/// Any JSON value of an event: one of kernelbox's own, or one from the kernel's message, relayed
+/// as written there; `null` when the kernel left it out.
+#[derive(Debug, Clone, Copy)]
+pub enum Json<'a> {
+    /// A value of kernelbox's own.
+    Value(&'a Value),
+    /// A value from the kernel's message, as written there.
+    Raw(&'a RawValue),
+    /// Not there.
+    Null,
+}
+
+impl<'a> From<&'a Value> for Json<'a> {
+    fn from(value: &'a Value) -> Self {
+        Json::Value(value)
+    }
+}
+
+impl Serialize for Json<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Json::Value(value) => value.serialize(serializer),
+            Json::Raw(raw) => raw.serialize(serializer),
+            Json::Null => serializer.serialize_unit(),
+        }
+    }
+}
+
+impl JsonSchema for Json<'_> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        Value::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        Value::json_schema(generator)
+    }
+}
 
 /// A message from a client to the server.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -119,58 +201,58 @@ pub enum ServerEvent<'a> {
     /// The kernel's busy/idle status while it works on the cell.
     Status {
         /// `busy` or `idle`.
-        state: &'a str,
+        state: Str<'a>,
     },
     /// Text the cell printed.
     Stream {
         /// `stdout` or `stderr`.
-        name: &'a str,
+        name: Str<'a>,
         /// The text.
-        text: &'a str,
+        text: Str<'a>,
     },
     /// Rich output (images, HTML, …) by MIME type; PNGs are base64.
     DisplayData {
         /// MIME type → content.
-        data: &'a Value,
+        data: Json<'a>,
         /// MIME type → metadata.
-        metadata: &'a Value,
+        metadata: Json<'a>,
         /// `display_id` and other transient data.
         #[serde(skip_serializing_if = "Option::is_none")]
-        transient: Option<&'a Value>,
+        transient: Option<Json<'a>>,
     },
     /// Replaces an earlier display with the same `transient.display_id`.
     UpdateDisplayData {
         /// MIME type → content.
-        data: &'a Value,
+        data: Json<'a>,
         /// MIME type → metadata.
-        metadata: &'a Value,
+        metadata: Json<'a>,
         /// Holds the `display_id` to update.
         #[serde(skip_serializing_if = "Option::is_none")]
-        transient: Option<&'a Value>,
+        transient: Option<Json<'a>>,
     },
     /// The value of the cell's last expression.
     ExecuteResult {
         /// The cell's execution count.
         execution_count: Option<i64>,
         /// MIME type → content.
-        data: &'a Value,
+        data: Json<'a>,
         /// MIME type → metadata.
-        metadata: &'a Value,
+        metadata: Json<'a>,
     },
     /// An exception raised by the cell, or a request the server could not carry out
     /// (`ename` `InvalidMessage` or `Rejected`; then `traceback` is empty).
     Error {
         /// Exception class name.
-        ename: &'a str,
+        ename: Str<'a>,
         /// Exception message.
-        evalue: &'a str,
+        evalue: Str<'a>,
         /// Traceback lines (with ANSI colours).
-        traceback: &'a Value,
+        traceback: Json<'a>,
     },
     /// The cell called `input()`; answer with `input_reply`.
     InputRequest {
         /// The prompt.
-        prompt: &'a str,
+        prompt: Str<'a>,
         /// Whether the input should be hidden.
         password: bool,
     },
@@ -235,43 +317,43 @@ pub enum ServerEvent<'a> {
     /// Completions for a `complete` request.
     CompleteReply {
         /// Candidate completions.
-        matches: &'a Value,
+        matches: Json<'a>,
         /// Start of the text to replace.
         cursor_start: Option<i64>,
         /// End of the text to replace.
         cursor_end: Option<i64>,
         /// Extra information (types, signatures).
-        metadata: &'a Value,
+        metadata: Json<'a>,
     },
     /// Answer to `is_complete`.
     IsCompleteReply {
         /// `complete`, `incomplete`, `invalid` or `unknown`.
-        status: &'a str,
+        status: Str<'a>,
         /// For `incomplete`: the indentation of the next line.
         #[serde(skip_serializing_if = "Option::is_none")]
-        indent: Option<&'a str>,
+        indent: Option<Str<'a>>,
     },
     /// The kernel's answer to `kernel_info`.
     KernelInfoReply {
         /// Jupyter messaging protocol version the kernel speaks.
-        protocol_version: &'a str,
+        protocol_version: Str<'a>,
         /// The kernel's implementation (`ipython`).
-        implementation: &'a str,
+        implementation: Str<'a>,
         /// Its version.
-        implementation_version: &'a str,
+        implementation_version: Str<'a>,
         /// Language name, version, MIME type, file extension, …
-        language_info: &'a Value,
+        language_info: Json<'a>,
         /// The kernel's banner text.
-        banner: &'a str,
+        banner: Str<'a>,
     },
     /// Documentation for an `inspect` request.
     InspectReply {
         /// Whether an object was found.
         found: bool,
         /// MIME type → documentation.
-        data: &'a Value,
+        data: Json<'a>,
         /// MIME type → metadata.
-        metadata: &'a Value,
+        metadata: Json<'a>,
     },
 }
 

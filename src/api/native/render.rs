@@ -1,20 +1,98 @@
 //! Session events → native protocol messages. Kernel messages the native protocol does not
 //! carry (execute_input, comm traffic, replies it has no use for) render to nothing.
+//!
+//! A kernel message's fields are read through one borrowed view of its content: strings and
+//! values go out as the JSON the kernel wrote (a 20 MB `stream` text is copied once into the
+//! client's frame, never decoded and re-escaped), numbers and flags are read.
 
+use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::protocol::{ServerEvent, ServerMessage};
+use super::protocol::{Json, ServerEvent, ServerMessage, Str};
 use crate::session::Channel;
 use crate::session::{EventKind, InstallEvent, SessionEvent};
 
-static NULL: Value = Value::Null;
-
-fn field<'a>(content: &'a Value, name: &str) -> &'a Value {
-    content.get(name).unwrap_or(&NULL)
+/// Every content field the native protocol relays, each as the kernel wrote it (any type: a
+/// field of the wrong type renders as empty rather than failing the message).
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    transient: Option<&'a RawValue>,
+    #[serde(borrow)]
+    execution_count: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ename: Option<&'a RawValue>,
+    #[serde(borrow)]
+    evalue: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traceback: Option<&'a RawValue>,
+    #[serde(borrow)]
+    wait: Option<&'a RawValue>,
+    #[serde(borrow)]
+    execution_state: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    password: Option<&'a RawValue>,
+    #[serde(borrow)]
+    matches: Option<&'a RawValue>,
+    #[serde(borrow)]
+    cursor_start: Option<&'a RawValue>,
+    #[serde(borrow)]
+    cursor_end: Option<&'a RawValue>,
+    #[serde(borrow)]
+    status: Option<&'a RawValue>,
+    #[serde(borrow)]
+    indent: Option<&'a RawValue>,
+    #[serde(borrow)]
+    protocol_version: Option<&'a RawValue>,
+    #[serde(borrow)]
+    implementation: Option<&'a RawValue>,
+    #[serde(borrow)]
+    implementation_version: Option<&'a RawValue>,
+    #[serde(borrow)]
+    language_info: Option<&'a RawValue>,
+    #[serde(borrow)]
+    banner: Option<&'a RawValue>,
+    #[serde(borrow)]
+    found: Option<&'a RawValue>,
 }
 
-fn text<'a>(content: &'a Value, name: &str) -> &'a str {
-    content.get(name).and_then(Value::as_str).unwrap_or("")
+/// A field that should be a string: as written when it is one, else empty.
+fn text(raw: Option<&RawValue>) -> Str<'_> {
+    match raw {
+        Some(raw) if raw.get().starts_with('"') => Str::Raw(raw),
+        _ => Str::Text(""),
+    }
+}
+
+/// A field that should be a string, or nothing when it is missing or is not one.
+fn maybe_text(raw: Option<&RawValue>) -> Option<Str<'_>> {
+    raw.filter(|raw| raw.get().starts_with('"')).map(Str::Raw)
+}
+
+/// Any value, as written; `null` when missing.
+fn any(raw: Option<&RawValue>) -> Json<'_> {
+    raw.map_or(Json::Null, Json::Raw)
+}
+
+fn int(raw: Option<&RawValue>) -> Option<i64> {
+    raw.and_then(|raw| serde_json::from_str(raw.get()).ok())
+}
+
+fn flag(raw: Option<&RawValue>) -> bool {
+    raw.and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or(false)
 }
 
 /// The native message for a session event, or `None` when the native protocol has no such event.
@@ -40,17 +118,17 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             reason: reason.as_deref(),
         },
         EventKind::Limit { limit, message } => ServerEvent::Error {
-            ename: limit,
-            evalue: message,
-            traceback: &EMPTY_LIST,
+            ename: Str::Text(limit),
+            evalue: Str::Text(message),
+            traceback: Json::Value(&EMPTY_LIST),
         },
         EventKind::Install(install) => match install {
             InstallEvent::Started { packages } => ServerEvent::InstallStarted { packages },
             InstallEvent::Output { line } => ServerEvent::InstallOutput { text: line },
             InstallEvent::Failed { message } => ServerEvent::Error {
-                ename: "InstallError",
-                evalue: message,
-                traceback: &EMPTY_LIST,
+                ename: Str::Text("InstallError"),
+                evalue: Str::Text(message),
+                traceback: Json::Value(&EMPTY_LIST),
             },
             InstallEvent::Done { error } => ServerEvent::InstallDone {
                 status: if error.is_some() { "error" } else { "ok" },
@@ -58,68 +136,96 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             },
         },
         EventKind::Rejected { message } => ServerEvent::Error {
-            ename: "Rejected",
-            evalue: message,
-            traceback: &EMPTY_LIST,
+            ename: Str::Text("Rejected"),
+            evalue: Str::Text(message),
+            traceback: Json::Value(&EMPTY_LIST),
         },
         EventKind::Kernel { channel, msg } => {
-            let c = &msg.content;
-            match (channel, msg.msg_type()) {
-                (Channel::IoPub, "stream") => ServerEvent::Stream {
-                    name: text(c, "name"),
-                    text: text(c, "text"),
+            let rendered = matches!(
+                (channel, msg.msg_type()),
+                (
+                    Channel::IoPub,
+                    "stream"
+                        | "display_data"
+                        | "update_display_data"
+                        | "execute_result"
+                        | "error"
+                        | "clear_output"
+                        | "status"
+                ) | (Channel::Stdin, "input_request")
+                    | (
+                        Channel::Shell,
+                        "complete_reply"
+                            | "is_complete_reply"
+                            | "kernel_info_reply"
+                            | "inspect_reply"
+                    )
+            );
+            if !rendered || (msg.msg_type() == "status" && id.is_none()) {
+                return None;
+            }
+            let c: Fields<'_> = match msg.content.view() {
+                Ok(fields) => fields,
+                Err(error) => {
+                    // Valid JSON, but not an object of distinct fields.
+                    tracing::warn!(msg_type = msg.msg_type(), %error, "cannot relay a kernel message");
+                    return None;
+                }
+            };
+            match msg.msg_type() {
+                "stream" => ServerEvent::Stream {
+                    name: text(c.name),
+                    text: text(c.text),
                 },
-                (Channel::IoPub, "display_data") => ServerEvent::DisplayData {
-                    data: field(c, "data"),
-                    metadata: field(c, "metadata"),
-                    transient: c.get("transient"),
+                "display_data" => ServerEvent::DisplayData {
+                    data: any(c.data),
+                    metadata: any(c.metadata),
+                    transient: c.transient.map(Json::Raw),
                 },
-                (Channel::IoPub, "update_display_data") => ServerEvent::UpdateDisplayData {
-                    data: field(c, "data"),
-                    metadata: field(c, "metadata"),
-                    transient: c.get("transient"),
+                "update_display_data" => ServerEvent::UpdateDisplayData {
+                    data: any(c.data),
+                    metadata: any(c.metadata),
+                    transient: c.transient.map(Json::Raw),
                 },
-                (Channel::IoPub, "execute_result") => ServerEvent::ExecuteResult {
-                    execution_count: c.get("execution_count").and_then(Value::as_i64),
-                    data: field(c, "data"),
-                    metadata: field(c, "metadata"),
+                "execute_result" => ServerEvent::ExecuteResult {
+                    execution_count: int(c.execution_count),
+                    data: any(c.data),
+                    metadata: any(c.metadata),
                 },
-                (Channel::IoPub, "error") => ServerEvent::Error {
-                    ename: text(c, "ename"),
-                    evalue: text(c, "evalue"),
-                    traceback: field(c, "traceback"),
+                "error" => ServerEvent::Error {
+                    ename: text(c.ename),
+                    evalue: text(c.evalue),
+                    traceback: any(c.traceback),
                 },
-                (Channel::IoPub, "clear_output") => ServerEvent::ClearOutput {
-                    wait: c.get("wait").and_then(Value::as_bool).unwrap_or(false),
+                "clear_output" => ServerEvent::ClearOutput { wait: flag(c.wait) },
+                "status" => ServerEvent::Status {
+                    state: text(c.execution_state),
                 },
-                (Channel::IoPub, "status") if id.is_some() => ServerEvent::Status {
-                    state: text(c, "execution_state"),
+                "input_request" => ServerEvent::InputRequest {
+                    prompt: text(c.prompt),
+                    password: flag(c.password),
                 },
-                (Channel::Stdin, "input_request") => ServerEvent::InputRequest {
-                    prompt: text(c, "prompt"),
-                    password: c.get("password").and_then(Value::as_bool).unwrap_or(false),
+                "complete_reply" => ServerEvent::CompleteReply {
+                    matches: any(c.matches),
+                    cursor_start: int(c.cursor_start),
+                    cursor_end: int(c.cursor_end),
+                    metadata: any(c.metadata),
                 },
-                (Channel::Shell, "complete_reply") => ServerEvent::CompleteReply {
-                    matches: field(c, "matches"),
-                    cursor_start: c.get("cursor_start").and_then(Value::as_i64),
-                    cursor_end: c.get("cursor_end").and_then(Value::as_i64),
-                    metadata: field(c, "metadata"),
+                "is_complete_reply" => ServerEvent::IsCompleteReply {
+                    status: text(c.status),
+                    indent: maybe_text(c.indent),
                 },
-                (Channel::Shell, "is_complete_reply") => ServerEvent::IsCompleteReply {
-                    status: text(c, "status"),
-                    indent: c.get("indent").and_then(Value::as_str),
+                "kernel_info_reply" => ServerEvent::KernelInfoReply {
+                    protocol_version: text(c.protocol_version),
+                    implementation: text(c.implementation),
+                    implementation_version: text(c.implementation_version),
+                    language_info: any(c.language_info),
+                    banner: text(c.banner),
                 },
-                (Channel::Shell, "kernel_info_reply") => ServerEvent::KernelInfoReply {
-                    protocol_version: text(c, "protocol_version"),
-                    implementation: text(c, "implementation"),
-                    implementation_version: text(c, "implementation_version"),
-                    language_info: field(c, "language_info"),
-                    banner: text(c, "banner"),
-                },
-                (Channel::Shell, "inspect_reply") => ServerEvent::InspectReply {
-                    found: c.get("found").and_then(Value::as_bool).unwrap_or(false),
-                    data: field(c, "data"),
-                    metadata: field(c, "metadata"),
+                "inspect_reply" => ServerEvent::InspectReply {
+                    found: flag(c.found),
+                    data: any(c.data),
+                    metadata: any(c.metadata),
                 },
                 _ => return None,
             }
@@ -132,96 +238,10 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
     })
 }
 
-/// Stream text at least this long is escaped by [`push_json_str`] rather than serde_json's
-/// byte-at-a-time escaper (about 35 ms for a 20 MB flush, the largest cost the relay adds).
-const FAST_TEXT: usize = 16 << 10;
-
-/// The JSON text of a native message: what `serde_json::to_string` gives, built faster for
-/// large stream output (the object with an empty `text` from serde, then the text escaped
-/// eight bytes at a time where nothing needs escaping).
+/// The JSON text of a native message. Strings and values from the kernel's message are copied
+/// in as they are.
 pub fn to_text(message: &ServerMessage<'_>) -> serde_json::Result<String> {
-    let ServerEvent::Stream { name, text } = message.event else {
-        return serde_json::to_string(message);
-    };
-    if text.len() < FAST_TEXT {
-        return serde_json::to_string(message);
-    }
-    let empty = ServerMessage {
-        seq: message.seq,
-        id: message.id,
-        event: ServerEvent::Stream { name, text: "" },
-    };
-    let mut out = serde_json::to_string(&empty)?;
-    const TAIL: &str = r#""text":""}"#;
-    if !out.ends_with(TAIL) {
-        // Not the layout this relies on: serde does it all.
-        return serde_json::to_string(message);
-    }
-    out.truncate(out.len() - 3);
-    let mut bytes = out.into_bytes();
-    bytes.reserve(text.len() + text.len() / 64 + 2);
-    push_json_str(&mut bytes, text);
-    bytes.push(b'}');
-    // Only ASCII escapes were added to valid UTF-8 between whole characters.
-    String::from_utf8(bytes).or_else(|_| serde_json::to_string(message))
-}
-
-/// Appends `text` as a JSON string, quotes included, escaped exactly as serde_json does
-/// (`\"`, `\\`, `\b \f \n \r \t`, other control characters as `\u00xx`), skipping eight
-/// bytes at a time where none needs escaping.
-fn push_json_str(out: &mut Vec<u8>, text: &str) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    /// Whether any byte of `w` is below 0x20, `"` or `\` (may also flag a byte after a hit).
-    fn needs_escape(w: u64) -> bool {
-        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-        let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-        (control | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\')))) != 0
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = text.as_bytes();
-    out.push(b'"');
-    let (mut start, mut i) = (0, 0);
-    while i < bytes.len() {
-        if let Some(chunk) = bytes.get(i..i + 8)
-            && let Ok(chunk) = <[u8; 8]>::try_from(chunk)
-            && !needs_escape(u64::from_le_bytes(chunk))
-        {
-            i += 8;
-            continue;
-        }
-        let b = bytes[i];
-        let escape: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            0x08 => Some(b"\\b"),
-            0x0c => Some(b"\\f"),
-            0x00..=0x1f => None,
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        match escape {
-            Some(e) => out.extend_from_slice(e),
-            None => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ]),
-        }
-        i += 1;
-        start = i;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    serde_json::to_string(message)
 }
 
 /// An empty JSON list, for errors that have no traceback.
@@ -229,51 +249,108 @@ pub static EMPTY_LIST: Value = Value::Array(Vec::new());
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
 
-    fn stream<'a>(text: &'a str) -> ServerMessage<'a> {
-        ServerMessage {
-            seq: Some(7),
-            id: Some("cell-1"),
-            event: ServerEvent::Stream {
-                name: "stdout",
-                text,
+    use bytes::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::session::{Content, Message};
+
+    /// The native JSON of a kernel message on `channel` whose content is `content` verbatim.
+    fn rendered(channel: Channel, msg_type: &str, content: &str) -> Option<Value> {
+        let mut msg = Message::new(msg_type, "kernel", json!({}));
+        msg.content = Content::from_frame(Bytes::copy_from_slice(content.as_bytes())).ok()?;
+        let event = SessionEvent {
+            seq: 7,
+            cell: Some("cell-1".into()),
+            kind: EventKind::Kernel {
+                channel,
+                msg: Arc::new(msg),
             },
-        }
+        };
+        let text = to_text(&render(&event)?).ok()?;
+        Some(serde_json::from_str(&text).expect("valid JSON"))
     }
 
     #[test]
-    fn fast_stream_text_is_what_serde_gives() {
+    fn stream_text_is_relayed_as_the_kernel_wrote_it() {
         let mut tricky = String::new();
         for c in (0u32..0x80).chain([0xe9, 0x2028, 0x1f600]) {
             tricky.push(char::from_u32(c).unwrap_or('?'));
         }
         tricky.push_str("\"\\\n\u{7f}é\"");
-        for text in [
-            "x".repeat(FAST_TEXT),
-            tricky.repeat(FAST_TEXT / tricky.len() + 1),
-            format!("{}\n", "y".repeat(2047)).repeat(20),
-            format!("{}\"", "😀".repeat(FAST_TEXT / 4)),
-        ] {
-            let message = stream(&text);
-            assert_eq!(
-                to_text(&message).unwrap(),
-                serde_json::to_string(&message).unwrap()
-            );
-        }
-        for len in 0..40 {
-            let text = tricky
-                .chars()
-                .cycle()
-                .skip(len)
-                .take(len)
-                .collect::<String>();
-            let mut fast = Vec::new();
-            push_json_str(&mut fast, &text);
-            assert_eq!(
-                String::from_utf8(fast).unwrap(),
-                serde_json::to_string(&text).unwrap()
-            );
-        }
+        let content = json!({"name": "stdout", "text": tricky}).to_string();
+        let out = rendered(Channel::IoPub, "stream", &content).unwrap();
+        assert_eq!(
+            out,
+            json!({"seq": 7, "id": "cell-1", "type": "stream", "name": "stdout", "text": tricky})
+        );
+        // Escapes the kernel chose (\u00e9, \/) reach the client as the same characters.
+        let out = rendered(
+            Channel::IoPub,
+            "stream",
+            r#"{"text": "caf\u00e9 a\/b \ud83d\ude00", "name": "stderr"}"#,
+        )
+        .unwrap();
+        assert_eq!(out["text"], "café a/b 😀");
+        assert_eq!(out["name"], "stderr");
+    }
+
+    #[test]
+    fn values_and_flags_are_read_from_the_content() {
+        let out = rendered(
+            Channel::IoPub,
+            "display_data",
+            r#"{"data": {"image/png": "iVBOR", "text/plain": "<Figure>"}, "metadata": {"w": 3}, "transient": {"display_id": "d1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(out["data"]["image/png"], "iVBOR");
+        assert_eq!(out["metadata"], json!({"w": 3}));
+        assert_eq!(out["transient"]["display_id"], "d1");
+
+        let out = rendered(
+            Channel::IoPub,
+            "execute_result",
+            r#"{"execution_count": 4, "data": {"text/plain": "2"}, "metadata": {}}"#,
+        )
+        .unwrap();
+        assert_eq!(out["execution_count"], 4);
+        let out = rendered(
+            Channel::Stdin,
+            "input_request",
+            r#"{"prompt": "pw? ", "password": true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"seq": 7, "id": "cell-1", "type": "input_request", "prompt": "pw? ", "password": true})
+        );
+    }
+
+    #[test]
+    fn odd_content_renders_empty_fields_or_nothing() {
+        // Wrong types: empty text, no count.
+        let out = rendered(Channel::IoPub, "stream", r#"{"name": 5, "text": ["x"]}"#).unwrap();
+        assert_eq!((&out["name"], &out["text"]), (&json!(""), &json!("")));
+        let out = rendered(
+            Channel::IoPub,
+            "execute_result",
+            r#"{"execution_count": "x"}"#,
+        )
+        .unwrap();
+        assert_eq!(out["execution_count"], Value::Null);
+        assert_eq!(out["data"], Value::Null);
+        // Not an object of distinct fields: not relayed.
+        assert_eq!(
+            rendered(Channel::IoPub, "stream", r#"{"text": "a", "text": "b"}"#),
+            None
+        );
+        assert_eq!(rendered(Channel::IoPub, "stream", "7"), None);
+        // Not carried by the native protocol.
+        assert_eq!(
+            rendered(Channel::IoPub, "execute_input", r#"{"code": "1"}"#),
+            None
+        );
     }
 }
