@@ -234,7 +234,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_nobody_waits_for_it() {
              other session's cell took {other_took:?}"
             );
             // Past the server's patience with a client that does not read…
-            tokio::time::sleep(kernelbox::api::slow_client::SLOW_CLIENT + Duration::from_secs(2))
+            tokio::time::sleep(kernelbox::api::outbound::SLOW_CLIENT + Duration::from_secs(2))
                 .await;
             // …the stalled client finds its connection ended with a close frame saying how to resume
             // (or, if even the close frame could not reach it, simply ended).

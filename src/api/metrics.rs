@@ -170,7 +170,7 @@ impl Relay {
         Self { bytes, clients }
     }
 
-    /// Counts a frame the client was sent, of `len` bytes (see [`frame_len`]).
+    /// Counts frames the client was sent, `len` bytes in all (see [`frame_len`]).
     pub(crate) fn sent(&self, len: usize) {
         self.bytes.increment(len as u64);
     }

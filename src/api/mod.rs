@@ -8,8 +8,8 @@ pub mod jupyter;
 pub mod metrics;
 pub mod native;
 pub mod origin;
+pub mod outbound;
 pub mod sessions;
-pub mod slow_client;
 pub mod web;
 mod ws_config;
 

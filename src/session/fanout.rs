@@ -222,8 +222,9 @@ impl Subscriber {
         }
     }
 
-    /// The next event if one is there.
-    fn try_recv(&mut self) -> Option<Result<Arc<SessionEvent>, RecvError>> {
+    /// The next event if one is there now (`None`: none yet), without waiting: for taking what
+    /// else is ready after [`Subscriber::recv`].
+    pub fn try_recv(&mut self) -> Option<Result<Arc<SessionEvent>, RecvError>> {
         let Ok(mut buffer) = self.fanout.buffer.lock() else {
             return Some(Err(RecvError::Closed));
         };

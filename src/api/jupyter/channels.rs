@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 
-use crate::api::slow_client::{Sent, cut_off, send_or_cut_off};
+use crate::api::outbound::{Outbound, pump};
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -30,7 +30,7 @@ use crate::api::error::AppError;
 use crate::api::metrics::{Front, Relay, frame_len};
 use crate::api::{AppState, Principal};
 use crate::session::{Channel, Message};
-use crate::session::{EventKind, KernelState, RecvError, Session, SessionEvent};
+use crate::session::{EventKind, KernelState, Session, SessionEvent};
 
 /// Message types clients may send, by channel.
 const SHELL_TYPES: &[&str] = &[
@@ -162,41 +162,23 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
         if !replay_ok {
             return;
         }
-        loop {
-            let (frame, seq) = tokio::select! {
-                reply = replies_rx.recv() => match reply {
-                    Some((channel, msg)) => (framing.encode(channel, &msg), None),
-                    None => break,
-                },
-                event = events.recv() => match event {
-                    Ok(event) => match render(&event, &client, &origin) {
-                        Some((channel, msg)) => (framing.encode(channel, &msg), Some(event.seq)),
-                        None => {
-                            writer_cursor.store(event.seq, std::sync::atomic::Ordering::Relaxed);
-                            continue;
-                        }
-                    },
-                    Err(RecvError::Lagged(missed)) => {
-                        // Reconnecting with the same session_id replays what it missed.
-                        let reason = format!(
-                            "too slow: {missed} messages behind; reconnect with the same session_id"
-                        );
-                        cut_off(&mut sink, reason).await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => break,
-                },
-            };
-            let reason = || "too slow: not reading; reconnect with the same session_id".to_owned();
-            match send_or_cut_off(&mut sink, relay, frame, reason).await {
-                Sent::Delivered => {}
-                Sent::Gone | Sent::CutOff => return,
-            }
-            if let Some(seq) = seq {
-                writer_cursor.store(seq, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let _ = sink.close().await;
+        let front = Outbound {
+            reply: |(channel, msg): (Channel, Message)| framing.encode(channel, &msg),
+            event: |event: &SessionEvent| {
+                render(event, &client, &origin).map(|(channel, msg)| framing.encode(channel, &msg))
+            },
+            delivered: |seq| writer_cursor.store(seq, std::sync::atomic::Ordering::Relaxed),
+            resume: |_| "reconnect with the same session_id".to_owned(),
+        };
+        pump(
+            &mut sink,
+            relay,
+            &mut replies_rx,
+            &mut events,
+            last_seq,
+            front,
+        )
+        .await;
     };
 
     let reader_state = state.clone();

@@ -18,9 +18,9 @@ use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render, to_text};
 use super::error::AppError;
 use super::metrics::{Front, Relay, frame_len};
-use super::slow_client::{Sent, cut_off, send_or_cut_off};
+use super::outbound::{Outbound, pump};
 use super::{AppState, Principal};
-use crate::session::{CodeQuery, ExecuteRequest, RecvError, Session, SessionError};
+use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError, SessionEvent};
 
 /// Query parameters of the WebSocket URL.
 #[derive(Debug, serde::Deserialize)]
@@ -84,7 +84,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
         }
         relay.sent(len);
     }
-    let mut last_seq = subscription.last_seq;
+    let last_seq = subscription.last_seq;
     for text in replay {
         let frame = WsMessage::Text(text.into());
         let len = frame_len(&frame);
@@ -95,46 +95,28 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
     }
 
     let writer = async move {
-        loop {
-            let (text, seq) = tokio::select! {
-                reply = replies_rx.recv() => match reply {
-                    Some(text) => (text, None),
-                    None => break,
-                },
-                event = events.recv() => match event {
-                    Ok(event) => match render(&event).map(|m| to_text(&m)) {
-                        Some(Ok(text)) => (text, Some(event.seq)),
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "cannot encode event");
-                            continue;
-                        }
-                        None => continue,
-                    },
-                    Err(RecvError::Lagged(missed)) => {
-                        let reason = format!(
-                            "too slow: {missed} events behind; reconnect with ?since={last_seq}"
-                        );
-                        cut_off(&mut sink, reason).await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => break,
-                },
-            };
-            let frame = WsMessage::Text(text.into());
-            match send_or_cut_off(&mut sink, relay, frame, || {
-                format!("too slow: not reading; reconnect with ?since={last_seq}")
-            })
-            .await
-            {
-                Sent::Delivered => {}
-                Sent::Gone => break,
-                Sent::CutOff => return,
-            }
-            if let Some(seq) = seq {
-                last_seq = seq;
-            }
-        }
-        let _ = sink.close().await;
+        let front = Outbound {
+            reply: |text: String| WsMessage::Text(text.into()),
+            event: |event: &SessionEvent| match render(event).map(|m| to_text(&m)) {
+                Some(Ok(text)) => Some(WsMessage::Text(text.into())),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot encode event");
+                    None
+                }
+                None => None,
+            },
+            delivered: |_| {},
+            resume: |last_seq| format!("reconnect with ?since={last_seq}"),
+        };
+        pump(
+            &mut sink,
+            relay,
+            &mut replies_rx,
+            &mut events,
+            last_seq,
+            front,
+        )
+        .await;
     };
 
     let reader = async move {
