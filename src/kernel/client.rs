@@ -28,22 +28,24 @@
 //! new `""` subscriber) is connection chatter too and is not forwarded either.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use zeromq::util::PeerIdentity;
 use zeromq::{
-    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
-    ZmqMessage,
+    DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv,
+    SocketSend, SubSocket, ZmqError, ZmqMessage,
 };
 
 use super::codec::{self, CodecError};
 use super::connection::{ConnectionInfo, Transport};
+use super::content::Content;
 use super::message::{Channel, Header, Message};
 use super::signer::{Signer, SignerError};
 
@@ -53,8 +55,6 @@ const READY_RETRY: Duration = Duration::from_millis(150);
 /// own retry backs off exponentially from 50 ms, which adds up to ~0.7 s when the kernel is still
 /// starting; a plain socket probe at this interval finds the kernel within a few ms of its bind.
 const PROBE_INTERVAL: Duration = Duration::from_millis(10);
-/// Queue of outgoing messages per socket task.
-const OUTGOING_CAPACITY: usize = 64;
 /// Queue of readiness replies during `connect`.
 const READY_CAPACITY: usize = 256;
 
@@ -147,11 +147,11 @@ impl Default for ClientOptions {
 /// A connected, ready kernel client.
 pub struct KernelClient {
     session: String,
-    kernel_info: Value,
+    kernel_info: Content,
     signer: Signer,
-    shell: mpsc::Sender<Outgoing>,
-    control: mpsc::Sender<Outgoing>,
-    stdin: mpsc::Sender<Outgoing>,
+    shell: Sender,
+    control: Sender,
+    stdin: Sender,
     /// Aborts every socket task when the client is dropped.
     _tasks: Tasks,
 }
@@ -192,7 +192,7 @@ impl KernelClient {
 
         let mut client = KernelClient {
             session,
-            kernel_info: Value::Null,
+            kernel_info: Content::default(),
             signer,
             shell,
             control,
@@ -226,20 +226,20 @@ impl KernelClient {
     }
 
     /// The content of the `kernel_info_reply` read during readiness.
-    pub fn kernel_info(&self) -> &Value {
+    pub fn kernel_info(&self) -> &Content {
         &self.kernel_info
     }
 
     /// Whether the shell socket's task has ended (kernel gone or client closing): a cheap check
     /// before queueing work that `send` would refuse anyway.
     pub fn is_closed(&self) -> bool {
-        self.shell.is_closed()
+        self.shell.closed.load(Ordering::Acquire)
     }
 
     /// Signs and sends a message built by the caller on `channel` (shell, control or stdin).
     /// Returns the header's `msg_id`. Errors with `Closed` once the socket's task has ended.
     pub async fn send(&self, channel: Channel, msg: Message) -> Result<String, KernelError> {
-        let queue = match channel {
+        let sender = match channel {
             Channel::Shell => &self.shell,
             Channel::Control => &self.control,
             Channel::Stdin => &self.stdin,
@@ -252,7 +252,7 @@ impl KernelClient {
             channel: channel.as_str(),
             reason: e.to_string(),
         })?;
-        enqueue(queue, frames).await?;
+        sender.send(channel.as_str(), frames).await?;
         Ok(msg.header.msg_id)
     }
 
@@ -277,7 +277,7 @@ impl KernelClient {
         channel: Channel,
         ready_prefix: &str,
         mut replies: mpsc::Receiver<(Channel, Box<Message>)>,
-    ) -> Result<Value, KernelError> {
+    ) -> Result<Content, KernelError> {
         let mut retry = tokio::time::interval(READY_RETRY);
         retry.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut with_status = std::collections::HashSet::new();
@@ -302,9 +302,9 @@ impl KernelClient {
                         }
                         (from, "kernel_info_reply") if from == channel => {
                             if with_status.contains(&parent) {
-                                return Ok(msg.content.value().clone());
+                                return Ok(msg.content);
                             }
-                            with_reply.insert(parent, msg.content.value().clone());
+                            with_reply.insert(parent, msg.content);
                         }
                         _ => {}
                     }
@@ -314,20 +314,22 @@ impl KernelClient {
     }
 }
 
-/// A message for a socket task to send, and where to report the socket's verdict.
-struct Outgoing {
-    frames: ZmqMessage,
-    ack: oneshot::Sender<Result<(), KernelError>>,
+/// The sending half of a request/reply DEALER. Sends go straight into the socket's queue; the
+/// reading half's task marks it closed when the kernel disconnects, so that later sends fail
+/// rather than queue into a socket nobody reads.
+struct Sender {
+    half: Mutex<DealerSendHalf>,
+    closed: Arc<AtomicBool>,
 }
 
-/// Hands frames to a socket task and waits for the socket to take them.
-async fn enqueue(queue: &mpsc::Sender<Outgoing>, frames: ZmqMessage) -> Result<(), KernelError> {
-    let (ack, done) = oneshot::channel();
-    queue
-        .send(Outgoing { frames, ack })
-        .await
-        .map_err(|_| KernelError::Closed)?;
-    done.await.map_err(|_| KernelError::Closed)?
+impl Sender {
+    async fn send(&self, channel: &'static str, frames: ZmqMessage) -> Result<(), KernelError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(KernelError::Closed);
+        }
+        let mut half = self.half.lock().await;
+        half.send(frames).await.map_err(|e| send_error(channel, e))
+    }
 }
 
 /// The client's tasks; dropping this aborts them all, which drops (closes) their sockets.
@@ -339,15 +341,16 @@ impl Tasks {
         self.0.push(tokio::spawn(task).abort_handle());
     }
 
-    /// Spawns the task owning a request/reply DEALER; returns its outgoing queue.
-    fn spawn_dealer(
-        &mut self,
-        socket: Monitored<DealerSocket>,
-        reader: Reader,
-    ) -> mpsc::Sender<Outgoing> {
-        let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
-        self.spawn(run_dealer(socket, rx, reader));
-        tx
+    /// Splits a request/reply DEALER: spawns the task reading it; returns its sending half.
+    fn spawn_dealer(&mut self, socket: Monitored<DealerSocket>, reader: Reader) -> Sender {
+        let Monitored { socket, events } = socket;
+        let (half, recv) = socket.split();
+        let closed = Arc::new(AtomicBool::new(false));
+        self.spawn(run_dealer(recv, events, reader, closed.clone()));
+        Sender {
+            half: Mutex::new(half),
+            closed,
+        }
     }
 }
 
@@ -545,35 +548,32 @@ async fn run_iopub(mut sub: Monitored<SubSocket>, reader: Reader) {
     }
 }
 
-/// Owns a DEALER: sends what `send` queues, reads replies, until the kernel disconnects or the
-/// client is dropped.
+/// Reads a DEALER's replies until the kernel disconnects or the client is dropped; then marks
+/// its sending half closed.
 async fn run_dealer(
-    mut dealer: Monitored<DealerSocket>,
-    mut outgoing: mpsc::Receiver<Outgoing>,
+    mut dealer: DealerRecvHalf,
+    mut events: futures::channel::mpsc::Receiver<SocketEvent>,
     reader: Reader,
+    closed: Arc<AtomicBool>,
 ) {
     let channel = reader.channel.as_str();
     loop {
         tokio::select! {
             biased;
-            out = outgoing.recv() => {
-                let Some(Outgoing { frames, ack }) = out else { return };
-                let result = dealer.socket.send(frames).await.map_err(|e| send_error(channel, e));
-                let _ = ack.send(result);
-            }
-            received = dealer.socket.recv() => match received {
+            received = dealer.recv() => match received {
                 Ok(frames) => reader.deliver(frames).await,
                 Err(error) => {
                     tracing::warn!(channel, %error, "socket failed; stopping");
-                    return;
+                    break;
                 }
             },
-            () = peer_gone(&mut dealer.events) => {
+            () = peer_gone(&mut events) => {
                 tracing::debug!(channel, "kernel disconnected");
-                return;
+                break;
             }
         }
     }
+    closed.store(true, Ordering::Release);
 }
 
 /// A socket send error as the caller should see it: a vanished peer is `Closed`.
