@@ -80,8 +80,8 @@ pub(crate) struct Actor {
     installer: Option<Arc<dyn PackageInstaller>>,
     installs: VecDeque<(Arc<str>, Vec<String>, bool)>,
     install_running: Option<(Arc<str>, bool, tokio::task::JoinHandle<()>)>,
-    install_tx: mpsc::Sender<InstallUpdate>,
-    install_rx: mpsc::Receiver<InstallUpdate>,
+    /// Where install tasks report (made with the first install: most sessions never have one).
+    install_updates: Option<(mpsc::Sender<InstallUpdate>, mpsc::Receiver<InstallUpdate>)>,
     /// Blocking installs (asked for at creation) not finished yet: cells wait for them.
     blocking_installs: usize,
     /// Packages were installed since the kernel last refreshed its import caches.
@@ -120,13 +120,11 @@ impl Actor {
             .kernel_work_dir()
             .map(|dir| FilesTracker::new(&dir));
         let installer = kernel.process.packages();
-        let (install_tx, install_rx) = mpsc::channel(1024);
         let mut actor = Self {
             installer,
             installs: VecDeque::new(),
             install_running: None,
-            install_tx,
-            install_rx,
+            install_updates: None,
             blocking_installs: 0,
             refresh_imports: false,
             internal: VecDeque::new(),
@@ -172,12 +170,15 @@ impl Actor {
     }
 
     /// Runs until the session is closed or every handle is gone.
-    pub(crate) async fn run(mut self) {
+    pub(crate) async fn run(mut self: Box<Self>) {
         self.set_state(self.state, None);
         let mut close_ack: Option<oneshot::Sender<()>> = None;
         let mut detach = false;
         loop {
-            if let Err(e) = self.start_next().await {
+            // What runs to completion inside one turn is boxed (`Box::pin`): the task's future
+            // would otherwise be as large as the largest of these (kilobytes) for every session
+            // for its whole life.
+            if let Err(e) = Box::pin(self.start_next()).await {
                 tracing::warn!(session = %self.id, error = %e, "sending cell failed");
             }
             let deadline = self.next_deadline();
@@ -189,21 +190,25 @@ impl Actor {
                         detach = true;
                         break;
                     }
-                    Some(command) => self.handle(command).await,
+                    Some(command) => Box::pin(self.handle(command)).await,
                     None => break,
                 },
                 result = poll_connecting(&mut self.connecting) => {
                     self.on_connected(result);
-                    self.flush_forwards().await;
+                    Box::pin(self.flush_forwards()).await;
                 }
                 incoming = recv_incoming(&mut self.incoming) => match incoming {
-                    Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg).await,
+                    Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg),
                     Some(Incoming::HeartbeatLost) => self.on_death(ExitReason::HeartbeatLost),
                     None => self.incoming = None,
                 },
                 reason = self.process.exited(), if self.watching_exit => self.on_death(reason),
-                () = sleep_until(deadline), if deadline.is_some() => self.on_deadline().await,
-                Some(update) = self.install_rx.recv() => self.on_install_update(update).await,
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    Box::pin(self.on_deadline()).await;
+                }
+                Some(update) = recv_install(&mut self.install_updates) => {
+                    Box::pin(self.on_install_update(update)).await;
+                }
             }
         }
         if let Some((_, _, task)) = self.install_running.take() {
@@ -452,7 +457,11 @@ impl Actor {
                 packages: packages.clone(),
             }),
         );
-        let updates = self.install_tx.clone();
+        let updates = self
+            .install_updates
+            .get_or_insert_with(|| mpsc::channel(1024))
+            .0
+            .clone();
         let task_id = id.clone();
         let task = tokio::spawn(async move {
             let (lines_tx, mut lines_rx) = mpsc::channel::<String>(256);
@@ -659,7 +668,7 @@ impl Actor {
         }
     }
 
-    async fn on_message(&mut self, channel: Channel, msg: Arc<Message>) {
+    fn on_message(&mut self, channel: Channel, msg: Arc<Message>) {
         self.update_status(|s| s.last_activity = Utc::now());
         let parent = msg.parent_id().map(str::to_owned);
         if parent
@@ -694,23 +703,21 @@ impl Actor {
         match (channel, msg.msg_type()) {
             (Channel::Stdin, "input_request") => self.input_parent = Some(msg.header.clone()),
             (Channel::Shell, "execute_reply") if running => {
-                let status = msg
-                    .content
+                // Parsed here and dropped: the message is kept for replay, its value is not.
+                let reply: Value = msg.content.view().unwrap_or_default();
+                let status = reply
                     .get("status")
                     .and_then(Value::as_str)
                     .unwrap_or("error");
-                let count = msg.content.get("execution_count").and_then(Value::as_i64);
-                let files = self
-                    .files
-                    .as_mut()
-                    .and_then(|f| f.read_reply(msg.content.value()));
+                let count = reply.get("execution_count").and_then(Value::as_i64);
+                let files = self.files.as_mut().and_then(|f| f.read_reply(&reply));
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
                     r.files = files;
                 }
             }
             (Channel::IoPub, "status") if running => {
-                if msg.content.get("execution_state").and_then(Value::as_str) == Some("idle")
+                if execution_state(&msg).as_deref() == Some("idle")
                     && let Some(r) = self.running.as_mut()
                 {
                     r.idle = true;
@@ -1008,6 +1015,28 @@ async fn poll_connecting(
 ) -> Result<(KernelClient, mpsc::Receiver<Incoming>), KernelError> {
     match connecting.as_mut() {
         Some(fut) => fut.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A `status` message's `execution_state`, read without keeping a parsed copy of the message.
+fn execution_state(msg: &Message) -> Option<std::borrow::Cow<'_, str>> {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow)]
+        execution_state: Option<std::borrow::Cow<'a, str>>,
+    }
+    msg.content
+        .view::<Status<'_>>()
+        .ok()
+        .and_then(|s| s.execution_state)
+}
+
+async fn recv_install(
+    updates: &mut Option<(mpsc::Sender<InstallUpdate>, mpsc::Receiver<InstallUpdate>)>,
+) -> Option<InstallUpdate> {
+    match updates.as_mut() {
+        Some((_, rx)) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

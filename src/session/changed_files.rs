@@ -99,23 +99,16 @@ enum Hook {
 /// Tracks a kernel's files hook and reads the changed files out of execute replies.
 #[derive(Debug)]
 pub(crate) struct FilesTracker {
-    /// The installing expression (it embeds the kernel's working directory).
-    install: String,
+    /// The kernel's working directory, as the kernel sees it.
+    root: String,
     hook: Hook,
 }
 
 impl FilesTracker {
     /// A tracker for a kernel whose working directory (as the kernel sees it) is `work_dir`.
     pub(crate) fn new(work_dir: &str) -> Self {
-        let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "''".to_owned());
-        let install = format!(
-            "exec({helper}, {{'ROOT': {root}, 'LIMIT': {MAX_SCANNED}, 'SOURCE': {source}}})",
-            helper = literal(HELPER),
-            root = literal(work_dir),
-            source = literal(PAYLOAD_SOURCE),
-        );
         Self {
-            install,
+            root: work_dir.to_owned(),
             hook: Hook::Absent,
         }
     }
@@ -123,9 +116,20 @@ impl FilesTracker {
     /// The `user_expressions` of the next cell: the installer while the hook is absent.
     pub(crate) fn user_expressions(&self) -> Value {
         match self.hook {
-            Hook::Absent => json!({ USER_EXPRESSION: self.install }),
+            Hook::Absent => json!({ USER_EXPRESSION: self.installer() }),
             Hook::Installed | Hook::Unsupported => json!({}),
         }
+    }
+
+    /// The expression that installs the hook (made when needed: once per kernel process).
+    fn installer(&self) -> String {
+        let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "''".to_owned());
+        format!(
+            "exec({helper}, {{'ROOT': {root}, 'LIMIT': {MAX_SCANNED}, 'SOURCE': {source}}})",
+            helper = literal(HELPER),
+            root = literal(&self.root),
+            source = literal(PAYLOAD_SOURCE),
+        )
     }
 
     /// The kernel process was replaced (restart, reconnect): its hook is gone.

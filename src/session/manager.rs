@@ -372,7 +372,7 @@ impl SessionManager {
             last_seq,
         );
         let span = tracing::info_span!("session", id = %id);
-        tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
+        tokio::spawn(tracing::Instrument::instrument(Box::new(actor).run(), span));
         self.sessions.insert(id, session.clone());
         session
     }
