@@ -279,6 +279,20 @@ pub struct Native {
 }
 
 impl Native {
+    /// Ends the session (`DELETE /v1/sessions/{id}`), closing the socket.
+    pub async fn delete(self, addr: std::net::SocketAddr) -> Result<(), BoxError> {
+        drop(self.ws);
+        let resp = reqwest::Client::new()
+            .delete(format!("http://{addr}/v1/sessions/{}", self.session))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(format!("delete session: {}", resp.status()).into());
+        }
+        Ok(())
+    }
+
     /// Creates a session (`POST /v1/sessions`) and opens its WebSocket.
     pub async fn create(addr: std::net::SocketAddr) -> Result<Self, BoxError> {
         let resp = reqwest::Client::new()
@@ -362,6 +376,20 @@ pub struct Jupyter {
 }
 
 impl Jupyter {
+    /// Shuts the kernel down (`DELETE /api/kernels/{id}`), closing the socket.
+    pub async fn delete(self, addr: std::net::SocketAddr) -> Result<(), BoxError> {
+        drop(self.ws);
+        let resp = reqwest::Client::new()
+            .delete(format!("http://{addr}/api/kernels/{}", self.kernel))
+            .header("Authorization", format!("token {TOKEN}"))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(format!("delete kernel: {}", resp.status()).into());
+        }
+        Ok(())
+    }
+
     /// Starts a kernel (`POST /api/kernels`) and opens its channels.
     pub async fn create(addr: std::net::SocketAddr) -> Result<Self, BoxError> {
         let resp = reqwest::Client::new()

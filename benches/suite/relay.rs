@@ -194,12 +194,13 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
     }
     text.push_str(&table.finish());
 
-    // Stream relay.
-    let samples = bench.samples(3, 1);
+    // Stream relay. The batched cell is short and noisy: more runs.
+    let (batched_runs, flushed_runs) = (bench.samples(9, 1), bench.samples(3, 1));
     let mut table = Table::new(
         &format!(
-            "\nStream relay: a cell printing {STREAM_BYTES} bytes in 2 KB lines, {samples} runs per path \
-             (MB/s = stdout bytes received ÷ time to idle; bytes: the fewest received in any run):"
+            "\nStream relay: a cell printing {STREAM_BYTES} bytes in 2 KB lines, {batched_runs} runs per path \
+             batched, {flushed_runs} flushed (MB/s = stdout bytes received ÷ time to idle; bytes: the fewest \
+             received in any run):"
         ),
         &[
             "path",
@@ -212,9 +213,9 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
             "complete",
         ],
     );
-    for (label, code) in [
-        ("batched", STREAM_BATCHED),
-        ("flushed per line", STREAM_FLUSHED),
+    for (label, code, samples) in [
+        ("batched", STREAM_BATCHED, batched_runs),
+        ("flushed per line", STREAM_FLUSHED, flushed_runs),
     ] {
         let runs: Vec<Vec<(f64, Outcome)>> = heavy_rounds(paths, samples, code)
             .await?
@@ -252,7 +253,7 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
     text.push_str(&table.finish());
 
     // A 5 MB PNG.
-    let samples = bench.samples(5, 1);
+    let samples = bench.samples(9, 1);
     let mut expected = Vec::new();
     for path in paths.iter_mut() {
         let out = path

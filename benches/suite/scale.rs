@@ -19,6 +19,8 @@ use crate::stats::{Table, millis, num, ratio};
 use crate::{Bench, BoxError};
 
 const LEVELS: [usize; 3] = [8, 32, 100];
+/// Alternating load rounds per level and path.
+const ROUNDS: usize = 3;
 /// Sessions the 1,000 idle clients are spread over.
 const FANOUT_SESSIONS: usize = 10;
 const CLIENTS_PER_SESSION: usize = 100;
@@ -63,6 +65,26 @@ where
     Ok(clients)
 }
 
+/// Has a server serve a kernel through its Jupyter API (start, WebSocket, a cell, shut down)
+/// and, for kernelbox, a session through its native one, so that what is measured next is
+/// memory held per session, not the server's code and buffers paged in by its first requests.
+async fn warm_up(addr: std::net::SocketAddr, native: bool) -> Result<(), BoxError> {
+    let mut client = Client::Jupyter(Jupyter::create(addr).await?);
+    client.execute("1+1").await?;
+    if let Client::Jupyter(jupyter) = client {
+        jupyter.delete(addr).await?;
+    }
+    if native {
+        let mut client = Client::Native(Native::create(addr).await?);
+        client.execute("1+1").await?;
+        if let Client::Native(native) = client {
+            native.delete(addr).await?;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Runs the scale scenarios; returns their section of the report.
 pub async fn run(bench: &Bench) -> Result<String, BoxError> {
     let mut text = String::from("## Many sessions\n\n");
@@ -74,6 +96,8 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
     args.extend(["--pool-size", "0"]);
     let server = Proc::kernelbox(&bench.bin, "kernelbox-scale", &args, &bench.logs).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let cold_rss = server.rss_mib()?;
+    warm_up(server.addr, true).await?;
     let idle_rss = server.rss_mib()?;
 
     let addr = server.addr;
@@ -97,8 +121,8 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
 
     let mut table = Table::new(
         &format!(
-            "Concurrency: N sessions each running {cells} cells of `1+1` back to back, all at once \
-             (local kernels; throughput in cells/s; latency in ms):"
+            "Concurrency: N sessions each running {cells} cells of `1+1` back to back, all at once, \
+             {ROUNDS} rounds alternating with the floor (local kernels; throughput in cells/s; latency in ms):"
         ),
         &[
             "N",
@@ -111,9 +135,18 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
         ],
     );
     for n in LEVELS {
-        let (fw, fl) = load(&mut floor[..n], cells).await?;
-        let (kw, kl) = load(&mut sessions[..n], cells).await?;
-        let total = (n * cells) as f64;
+        // Alternating rounds, so that drift in the machine's speed hits both alike.
+        let (mut fw, mut fl, mut kw, mut kl) =
+            (Duration::ZERO, Vec::new(), Duration::ZERO, Vec::new());
+        for _ in 0..ROUNDS {
+            let (wall, latencies) = load(&mut floor[..n], cells).await?;
+            fw += wall;
+            fl.extend(latencies);
+            let (wall, latencies) = load(&mut sessions[..n], cells).await?;
+            kw += wall;
+            kl.extend(latencies);
+        }
+        let total = (ROUNDS * n * cells) as f64;
         let (f_rate, k_rate) = (total / fw.as_secs_f64(), total / kw.as_secs_f64());
         let (fs, ks) = (millis(&fl), millis(&kl));
         table.row(&[
@@ -140,6 +173,8 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
         let gw =
             Proc::gateway(python, launcher, "tuned", &bench.kernel_python, &bench.logs).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let gw_cold = gw.rss_mib()?;
+        warm_up(gw.addr, false).await?;
         let gw_idle = gw.rss_mib()?;
         let kernels = bench.samples(20, 4);
         let gaddr = gw.addr;
@@ -151,13 +186,20 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
         let gw_loaded = gw.rss_mib()?;
         drop(opened);
         gw.stop().await;
-        gateway_rows.push((gw_idle, (gw_loaded - gw_idle) / kernels as f64, kernels));
+        gateway_rows.push((
+            gw_cold,
+            gw_idle,
+            (gw_loaded - gw_idle) / kernels as f64,
+            kernels,
+        ));
     }
     let per_session = (loaded_rss - idle_rss) / top as f64;
     let mut table = Table::new(
-        "\nServer memory (RSS of the server process, kernels not included; MiB):",
+        "\nServer memory (RSS of the server process, kernels not included; MiB; idle: after it served \
+         one kernel, started and shut down, through each API — its code paged in):",
         &[
             "server",
+            "at start",
             "idle",
             "per session (kernel + open WS)",
             "sessions measured",
@@ -166,6 +208,7 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
     );
     table.row(&[
         "kernelbox".into(),
+        num(cold_rss, 1),
         num(idle_rss, 1),
         num(per_session, 3),
         top.to_string(),
@@ -175,9 +218,10 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
             top
         ),
     ]);
-    for (idle, per, n) in &gateway_rows {
+    for (cold, idle, per, n) in &gateway_rows {
         table.row(&[
             "Kernel Gateway (tuned)".into(),
+            num(*cold, 1),
             num(*idle, 1),
             num(*per, 3),
             n.to_string(),
@@ -185,7 +229,7 @@ pub async fn run(bench: &Bench) -> Result<String, BoxError> {
         ]);
     }
     text.push_str(&table.finish());
-    if let Some((g_idle, g_per, _)) = gateway_rows.first() {
+    if let Some((_, g_idle, g_per, _)) = gateway_rows.first() {
         text.push_str(&format!(
             "\nkernelbox vs Kernel Gateway: idle {}, per session {}.\n",
             ratio(idle_rss, *g_idle),
