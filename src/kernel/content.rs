@@ -3,14 +3,16 @@
 //! client's frame, never a tree of values built and re-escaped. So content stays the text it
 //! arrived as (checked to be UTF-8 JSON when it was decoded), is read through borrowed typed
 //! views ([`Content::view`]) by whoever needs a field or two, and is parsed into a [`Value`]
-//! only when somebody asks for one (once, then kept).
+//! only when somebody asks for one (once, then kept). Large content objects also remember where
+//! each top-level field is (found by the same scan that checked them), so a relay can copy a
+//! multi-MB field out without scanning it again ([`Content::field_json`]).
 
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 use bytestring::ByteString;
 use serde::Deserialize;
-use serde::de::IgnoredAny;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -32,17 +34,37 @@ pub struct Content {
     json: ByteString,
     /// `json` parsed, once somebody asked for it.
     value: OnceLock<Value>,
+    /// For large objects with distinct keys: each top-level field's name and the byte range of
+    /// its value in `json`.
+    fields: Option<Box<[Field]>>,
+}
+
+/// A top-level field of indexed content: its name and where its value's JSON text is.
+#[derive(Clone, Debug)]
+struct Field {
+    name: Box<str>,
+    start: usize,
+    end: usize,
 }
 
 impl Content {
+    /// Content at least this large (bytes) is indexed by top-level field when decoded.
+    pub const INDEXED_FROM: usize = 64 << 10;
+
     /// Content from a wire frame: checked to be UTF-8 and JSON (one scan, nothing allocated),
     /// and kept as it is (the frame's bytes are not copied).
     pub fn from_frame(frame: Bytes) -> Result<Self, ContentError> {
         let json = ByteString::try_from(frame)?;
-        serde_json::from_str::<IgnoredAny>(&json)?;
+        let fields = if json.len() >= Self::INDEXED_FROM && json.trim_start().starts_with('{') {
+            index(&json)?
+        } else {
+            serde_json::from_str::<IgnoredAny>(&json)?;
+            None
+        };
         Ok(Self {
             json,
             value: OnceLock::new(),
+            fields,
         })
     }
 
@@ -53,6 +75,7 @@ impl Content {
         Self {
             json: json.into(),
             value: OnceLock::from(value),
+            fields: None,
         }
     }
 
@@ -94,10 +117,62 @@ impl Content {
         serde_json::from_str(&self.json)
     }
 
+    /// The JSON text of top-level field `name`, as written, when the content was indexed when
+    /// decoded (large objects: see [`Content::INDEXED_FROM`]); `None` otherwise, or when there is no
+    /// such field.
+    pub fn field_json(&self, name: &str) -> Option<&str> {
+        let field = self.fields.as_ref()?.iter().find(|f| &*f.name == name)?;
+        self.json.get(field.start..field.end)
+    }
+
     /// The content as a raw JSON value borrowed from its text, to be written out as it is.
     pub fn raw(&self) -> Result<&RawValue, serde_json::Error> {
         self.view()
     }
+}
+
+/// Checks `json` (an object) and finds where each top-level field's value is, in one scan;
+/// `None` when a key repeats (no field is then unambiguous).
+fn index(json: &str) -> Result<Option<Box<[Field]>>, serde_json::Error> {
+    struct Fields<'j>(&'j str);
+
+    impl<'de> DeserializeSeed<'de> for Fields<'de> {
+        type Value = Option<Box<[Field]>>;
+
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Fields<'de> {
+        type Value = Option<Box<[Field]>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let base = self.0.as_ptr() as usize;
+            let mut fields: Vec<Field> = Vec::new();
+            let mut distinct = true;
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                let value: &'de RawValue = map.next_value()?;
+                let start = value.get().as_ptr() as usize - base;
+                distinct &= !fields.iter().any(|f| *f.name == *name);
+                fields.push(Field {
+                    name: name.into(),
+                    start,
+                    end: start + value.get().len(),
+                });
+            }
+            Ok(distinct.then(|| fields.into_boxed_slice()))
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(json);
+    let fields = Fields(json).deserialize(&mut de)?;
+    de.end()?;
+    Ok(fields)
 }
 
 impl From<Value> for Content {
@@ -182,6 +257,36 @@ mod tests {
             Content::from_frame(Bytes::from_static(b"{} trailing")),
             Err(ContentError::NotJson(_))
         ));
+    }
+
+    #[test]
+    fn large_objects_know_where_their_fields_are() {
+        let text = "line\n".repeat(Content::INDEXED_FROM / 4);
+        let json = serde_json::to_string(&json!({"name": "stdout", "text": text})).unwrap();
+        let content = Content::from_frame(Bytes::from(json.clone())).unwrap();
+        assert_eq!(content.field_json("name"), Some(r#""stdout""#));
+        let raw_text = content.field_json("text").unwrap();
+        assert_eq!(serde_json::from_str::<String>(raw_text).unwrap(), text);
+        assert_eq!(content.field_json("missing"), None);
+
+        // Small content, repeated keys and non-objects are not indexed.
+        let small = Content::from_frame(Bytes::from_static(br#"{"name": "stdout"}"#)).unwrap();
+        assert_eq!(small.field_json("name"), None);
+        let twice = format!(
+            r#"{{"text": "a", "text": {}}}"#,
+            serde_json::to_string(&text).unwrap()
+        );
+        let twice = Content::from_frame(Bytes::from(twice)).unwrap();
+        assert_eq!(twice.field_json("text"), None);
+        let list = format!("[{}]", serde_json::to_string(&text).unwrap());
+        assert!(
+            Content::from_frame(Bytes::from(list))
+                .unwrap()
+                .field_json("0")
+                .is_none()
+        );
+        // Broken large content is still refused.
+        assert!(Content::from_frame(Bytes::from(json[..json.len() - 1].to_owned())).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value, json};
 
-use crate::session::{Channel, Content, Header, Message};
+use crate::session::{Channel, Header, Message};
 
 /// The binary subprotocol's name.
 pub const V1_PROTOCOL: &str = "v1.kernel.websocket.jupyter.org";
@@ -263,15 +263,13 @@ impl Serialize for ParentJson<'_> {
     }
 }
 
-/// The JSON object of a kernel message for Jupyter clients, borrowing every part from the
-/// message: serialised straight from it, nothing copied (a multi-MB stream message is not
-/// cloned per client).
+/// The JSON object of a kernel message for Jupyter clients but its content, borrowing every part
+/// from the message (see [`frame_json`]).
 #[derive(Serialize)]
 struct JsonFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     buffers: Option<[(); 0]>,
     channel: &'static str,
-    content: &'a Content,
     header: &'a Header,
     metadata: &'a Value,
     msg_id: &'a str,
@@ -284,7 +282,6 @@ impl<'a> JsonFrame<'a> {
         Self {
             buffers: with_buffers.then_some([]),
             channel: channel.as_str(),
-            content: &msg.content,
             header: &msg.header,
             metadata: &msg.metadata,
             msg_id: &msg.header.msg_id,
@@ -294,15 +291,38 @@ impl<'a> JsonFrame<'a> {
     }
 }
 
+/// A kernel message's JSON object for Jupyter clients: the content's JSON text copied in as it
+/// is (it was checked to be JSON when it arrived; a multi-MB stream is neither parsed nor
+/// re-escaped), the rest serialised straight from the message.
+fn frame_json(channel: Channel, msg: &Message, with_buffers: bool) -> String {
+    let rest =
+        serde_json::to_string(&JsonFrame::new(channel, msg, with_buffers)).unwrap_or_else(|e| {
+            // Cannot happen for these types; say so rather than panic.
+            tracing::warn!(error = %e, "cannot encode a kernel message");
+            String::from("{}")
+        });
+    let content = match msg.content.as_json() {
+        "" => "{}",
+        json => json,
+    };
+    let mut out = String::with_capacity(content.len() + rest.len() + 16);
+    out.push_str("{\"content\":");
+    out.push_str(content);
+    match rest.strip_prefix('{') {
+        Some("}") | None => out.push('}'),
+        Some(fields) => {
+            out.push(',');
+            out.push_str(fields);
+        }
+    }
+    out
+}
+
 /// A kernel message as the JSON text Jupyter clients read (buffers left out; see
 /// [`encode_legacy_binary`] for messages that have them). The same object as [`to_json`],
 /// serialised without building it.
 pub fn to_json_text(channel: Channel, msg: &Message) -> String {
-    serde_json::to_string(&JsonFrame::new(channel, msg, true)).unwrap_or_else(|e| {
-        // Cannot happen for these types; say so rather than panic.
-        tracing::warn!(error = %e, "cannot encode a kernel message");
-        String::from("{}")
-    })
+    frame_json(channel, msg, true)
 }
 
 /// A kernel message as the JSON object Jupyter clients read (buffers left out; see
@@ -322,8 +342,7 @@ pub fn to_json(channel: Channel, msg: &Message) -> Value {
 
 /// The legacy binary frame of a message with buffers.
 pub fn encode_legacy_binary(channel: Channel, msg: &Message) -> Vec<u8> {
-    let json =
-        serde_json::to_vec(&JsonFrame::new(channel, msg, false)).unwrap_or_else(|_| b"{}".to_vec());
+    let json = frame_json(channel, msg, false).into_bytes();
     let parts: Vec<&[u8]> = std::iter::once(json.as_slice())
         .chain(msg.buffers.iter().map(|b| b.as_ref()))
         .collect();

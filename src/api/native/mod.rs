@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
-use self::render::{EMPTY_LIST, render, to_text};
+use self::render::{EMPTY_LIST, render_text};
 use super::error::AppError;
 use super::metrics::{Front, Relay, frame_len};
 use super::outbound::{Outbound, pump};
@@ -59,7 +59,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
     let replay: Vec<String> = subscription
         .missed
         .iter()
-        .filter_map(|event| render(event).and_then(|m| to_text(&m).ok()))
+        .filter_map(|event| render_text(event).and_then(Result::ok))
         .collect();
     let greeting = match since {
         Some(since) => ServerEvent::Resumed {
@@ -97,7 +97,7 @@ async fn connection(socket: WebSocket, session: Arc<Session>, since: Option<u64>
     let writer = async move {
         let front = Outbound {
             reply: |text: String| WsMessage::Text(text.into()),
-            event: |event: &SessionEvent| match render(event).map(|m| to_text(&m)) {
+            event: |event: &SessionEvent| match render_text(event) {
                 Some(Ok(text)) => Some(WsMessage::Text(text.into())),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "cannot encode event");

@@ -244,6 +244,66 @@ pub fn to_text(message: &ServerMessage<'_>) -> serde_json::Result<String> {
     serde_json::to_string(message)
 }
 
+/// The JSON text of a session event's native message, if it has one: [`render`] and
+/// [`to_text`], written into a buffer sized for the kernel message's content at once (a 20 MB
+/// output grown by doubling would be copied about twice over, into fresh pages each time).
+pub fn render_text(event: &SessionEvent) -> Option<serde_json::Result<String>> {
+    if let Some(text) = large_stream_text(event) {
+        return Some(text);
+    }
+    let message = render(event)?;
+    let capacity = match &event.kind {
+        EventKind::Kernel { msg, .. } => msg.content.len() + 256,
+        _ => 256,
+    };
+    let mut text = Vec::with_capacity(capacity);
+    Some(
+        serde_json::to_writer(&mut text, &message)
+            // serde_json writes UTF-8 only (kernel text was checked to be UTF-8 when decoded).
+            .and_then(|()| String::from_utf8(text).map_err(serde::ser::Error::custom)),
+    )
+}
+
+/// A large `stream` message's event written directly around the kernel's own `name` and `text`
+/// JSON (located when the message was decoded, see `Content::field_json`): the same text
+/// [`to_text`] would give, without scanning the output again. `None` when the event is not such
+/// a message (or its fields are not strings): [`render`] handles it.
+fn large_stream_text(event: &SessionEvent) -> Option<serde_json::Result<String>> {
+    let EventKind::Kernel {
+        channel: Channel::IoPub,
+        msg,
+    } = &event.kind
+    else {
+        return None;
+    };
+    if msg.msg_type() != "stream" {
+        return None;
+    }
+    let name = msg.content.field_json("name")?;
+    let text = msg.content.field_json("text")?;
+    if !name.starts_with('"') || !text.starts_with('"') {
+        return None;
+    }
+    let id = match event.cell.as_deref().map(serde_json::to_string) {
+        Some(Ok(id)) => Some(id),
+        Some(Err(e)) => return Some(Err(e)),
+        None => None,
+    };
+    let mut out = String::with_capacity(text.len() + name.len() + 96);
+    out.push_str("{\"seq\":");
+    out.push_str(&event.seq.to_string());
+    if let Some(id) = id {
+        out.push_str(",\"id\":");
+        out.push_str(&id);
+    }
+    out.push_str(",\"type\":\"stream\",\"name\":");
+    out.push_str(name);
+    out.push_str(",\"text\":");
+    out.push_str(text);
+    out.push('}');
+    Some(Ok(out))
+}
+
 /// An empty JSON list, for errors that have no traceback.
 pub static EMPTY_LIST: Value = Value::Array(Vec::new());
 
@@ -295,6 +355,27 @@ mod tests {
         .unwrap();
         assert_eq!(out["text"], "café a/b 😀");
         assert_eq!(out["name"], "stderr");
+    }
+
+    #[test]
+    fn large_stream_text_is_spliced_as_render_would_write_it() {
+        let text = "x\"y\\z é 😀\n".repeat(Content::INDEXED_FROM / 8);
+        let mut msg = Message::new("stream", "kernel", json!({}));
+        let content = json!({"name": "stdout", "text": text}).to_string();
+        msg.content = Content::from_frame(Bytes::from(content)).unwrap();
+        for cell in [Some("cell-\"1\"".into()), None] {
+            let event = SessionEvent {
+                seq: 42,
+                cell,
+                kind: EventKind::Kernel {
+                    channel: Channel::IoPub,
+                    msg: Arc::new(msg.clone()),
+                },
+            };
+            let fast = large_stream_text(&event).unwrap().unwrap();
+            assert_eq!(fast, to_text(&render(&event).unwrap()).unwrap());
+            assert_eq!(render_text(&event).unwrap().unwrap(), fast);
+        }
     }
 
     #[test]
