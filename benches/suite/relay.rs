@@ -151,7 +151,7 @@ async fn measure(bench: &Bench, paths: &mut [Path]) -> Result<String, BoxError> 
             path.client.execute("1+1").await.map_err(|e| at(path, e))?;
         }
     }
-    let rounds = bench.samples(300, 30);
+    let rounds = bench.samples(500, 30);
     for _ in 0..rounds {
         for path in paths.iter_mut() {
             let t = Instant::now();
