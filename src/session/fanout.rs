@@ -262,13 +262,22 @@ impl Drop for Subscriber {
     }
 }
 
-/// A cheap estimate of an event's memory: the text in its kernel message plus a per-node cost.
+/// A cheap estimate of an event's memory: its text plus what holding it costs (the event and,
+/// for a kernel message, the message with its headers: about 1 KB for a small one), so that the
+/// byte limit bounds memory for small events too.
 fn estimated_size(event: &SessionEvent) -> usize {
+    /// The shared event itself, with allocation overhead.
     const BASE: usize = 128;
+    /// A kernel message: the `Message` (~500 bytes) and its allocations besides the text counted.
+    const MESSAGE: usize = 640;
     match &event.kind {
         EventKind::Kernel { msg, .. } => {
-            BASE + msg.content.len()
+            BASE + MESSAGE
+                + header_size(&msg.header)
+                + msg.parent_header.as_ref().map_or(0, header_size)
+                + msg.content.len()
                 + json_size(&msg.metadata)
+                + msg.identities.iter().map(|b| b.len()).sum::<usize>()
                 + msg.buffers.iter().map(|b| b.len()).sum::<usize>()
         }
         EventKind::Rejected { message } | EventKind::Limit { message, .. } => BASE + message.len(),
@@ -283,6 +292,21 @@ fn estimated_size(event: &SessionEvent) -> usize {
         }
         EventKind::Accepted { .. } | EventKind::Done { .. } => BASE,
     }
+}
+
+/// The text a header holds.
+fn header_size(header: &crate::kernel::Header) -> usize {
+    header.msg_id.len()
+        + header.session.len()
+        + header.username.len()
+        + header.date.len()
+        + header.msg_type.len()
+        + header.version.len()
+        + header
+            .extra
+            .iter()
+            .map(|(k, v)| k.len() + json_size(v))
+            .sum::<usize>()
 }
 
 /// The approximate serialized size of `value`, without serializing it.
