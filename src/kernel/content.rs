@@ -117,6 +117,12 @@ impl Content {
         serde_json::from_str(&self.json)
     }
 
+    /// Whether the content was indexed by top-level field when decoded (see
+    /// [`Content::field_json`]).
+    pub fn is_indexed(&self) -> bool {
+        self.fields.is_some()
+    }
+
     /// The JSON text of top-level field `name`, as written, when the content was indexed when
     /// decoded (large objects: see [`Content::INDEXED_FROM`]); `None` otherwise, or when there is no
     /// such field.

@@ -248,7 +248,7 @@ pub fn to_text(message: &ServerMessage<'_>) -> serde_json::Result<String> {
 /// [`to_text`], written into a buffer sized for the kernel message's content at once (a 20 MB
 /// output grown by doubling would be copied about twice over, into fresh pages each time).
 pub fn render_text(event: &SessionEvent) -> Option<serde_json::Result<String>> {
-    if let Some(text) = large_stream_text(event) {
+    if let Some(text) = large_output_text(event) {
         return Some(text);
     }
     let message = render(event)?;
@@ -264,11 +264,24 @@ pub fn render_text(event: &SessionEvent) -> Option<serde_json::Result<String>> {
     )
 }
 
-/// A large `stream` message's event written directly around the kernel's own `name` and `text`
-/// JSON (located when the message was decoded, see `Content::field_json`): the same text
-/// [`to_text`] would give, without scanning the output again. `None` when the event is not such
-/// a message (or its fields are not strings): [`render`] handles it.
-fn large_stream_text(event: &SessionEvent) -> Option<serde_json::Result<String>> {
+/// How an output field is written by [`large_output_text`], as [`render`] would.
+#[derive(Clone, Copy)]
+enum Out {
+    /// A string; `""` when missing or not a string.
+    Text,
+    /// Any value; `null` when missing.
+    Any,
+    /// Any value; left out when missing or `null`.
+    Optional,
+    /// An integer; `null` when missing or not one.
+    Int,
+}
+
+/// A large output message's event (stream text, a big image) written directly around the
+/// kernel's own JSON for its fields, located when the message was decoded (see
+/// `Content::field_json`): the same text [`to_text`] would give, without scanning the output
+/// again. `None` when the event is not such a message: [`render`] handles it.
+fn large_output_text(event: &SessionEvent) -> Option<serde_json::Result<String>> {
     let EventKind::Kernel {
         channel: Channel::IoPub,
         msg,
@@ -276,30 +289,62 @@ fn large_stream_text(event: &SessionEvent) -> Option<serde_json::Result<String>>
     else {
         return None;
     };
-    if msg.msg_type() != "stream" {
+    let content = &msg.content;
+    if !content.is_indexed() {
         return None;
     }
-    let name = msg.content.field_json("name")?;
-    let text = msg.content.field_json("text")?;
-    if !name.starts_with('"') || !text.starts_with('"') {
-        return None;
-    }
+    let fields: &[(&str, Out)] = match msg.msg_type() {
+        "stream" => &[("name", Out::Text), ("text", Out::Text)],
+        "display_data" | "update_display_data" => &[
+            ("data", Out::Any),
+            ("metadata", Out::Any),
+            ("transient", Out::Optional),
+        ],
+        "execute_result" => &[
+            ("execution_count", Out::Int),
+            ("data", Out::Any),
+            ("metadata", Out::Any),
+        ],
+        _ => return None,
+    };
     let id = match event.cell.as_deref().map(serde_json::to_string) {
         Some(Ok(id)) => Some(id),
         Some(Err(e)) => return Some(Err(e)),
         None => None,
     };
-    let mut out = String::with_capacity(text.len() + name.len() + 96);
+    let mut out = String::with_capacity(content.len() + 128);
     out.push_str("{\"seq\":");
     out.push_str(&event.seq.to_string());
     if let Some(id) = id {
         out.push_str(",\"id\":");
         out.push_str(&id);
     }
-    out.push_str(",\"type\":\"stream\",\"name\":");
-    out.push_str(name);
-    out.push_str(",\"text\":");
-    out.push_str(text);
+    out.push_str(",\"type\":\"");
+    out.push_str(msg.msg_type());
+    out.push('"');
+    for &(name, how) in fields {
+        let json = content.field_json(name);
+        let count;
+        let value = match how {
+            Out::Text => json.filter(|j| j.starts_with('"')).unwrap_or(r#""""#),
+            Out::Any => json.unwrap_or("null"),
+            Out::Optional => match json {
+                Some(j) if j != "null" => j,
+                _ => continue,
+            },
+            Out::Int => match json.and_then(|j| serde_json::from_str::<i64>(j).ok()) {
+                Some(n) => {
+                    count = n.to_string();
+                    &count
+                }
+                None => "null",
+            },
+        };
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        out.push_str(value);
+    }
     out.push('}');
     Some(Ok(out))
 }
@@ -358,23 +403,55 @@ mod tests {
     }
 
     #[test]
-    fn large_stream_text_is_spliced_as_render_would_write_it() {
+    fn large_output_is_spliced_as_render_would_write_it() {
         let text = "x\"y\\z é 😀\n".repeat(Content::INDEXED_FROM / 8);
-        let mut msg = Message::new("stream", "kernel", json!({}));
-        let content = json!({"name": "stdout", "text": text}).to_string();
-        msg.content = Content::from_frame(Bytes::from(content)).unwrap();
-        for cell in [Some("cell-\"1\"".into()), None] {
-            let event = SessionEvent {
-                seq: 42,
-                cell,
-                kind: EventKind::Kernel {
-                    channel: Channel::IoPub,
-                    msg: Arc::new(msg.clone()),
-                },
-            };
-            let fast = large_stream_text(&event).unwrap().unwrap();
-            assert_eq!(fast, to_text(&render(&event).unwrap()).unwrap());
-            assert_eq!(render_text(&event).unwrap().unwrap(), fast);
+        let png = "iVBORw0KGgo".repeat(Content::INDEXED_FROM / 8);
+        let contents = [
+            ("stream", json!({"name": "stdout", "text": text})),
+            ("stream", json!({"text": text, "name": 3})),
+            (
+                "display_data",
+                json!({"data": {"image/png": png, "text/plain": "<Figure>"},
+                "metadata": {"image/png": {"width": 640}}, "transient": {"display_id": "d"}}),
+            ),
+            (
+                "display_data",
+                json!({"data": {"image/png": png}, "transient": null}),
+            ),
+            (
+                "update_display_data",
+                json!({"data": {"text/plain": text}, "metadata": {},
+                "transient": {"display_id": "d"}}),
+            ),
+            (
+                "execute_result",
+                json!({"execution_count": 7, "data": {"text/plain": text}, "metadata": {}}),
+            ),
+            (
+                "execute_result",
+                json!({"execution_count": "x", "data": {"text/plain": text}}),
+            ),
+        ];
+        for (msg_type, content) in contents {
+            let mut msg = Message::new(msg_type, "kernel", json!({}));
+            msg.content = Content::from_frame(Bytes::from(content.to_string())).unwrap();
+            for cell in [Some("cell-\"1\"".into()), None] {
+                let event = SessionEvent {
+                    seq: 42,
+                    cell,
+                    kind: EventKind::Kernel {
+                        channel: Channel::IoPub,
+                        msg: Arc::new(msg.clone()),
+                    },
+                };
+                let fast = large_output_text(&event).unwrap().unwrap();
+                assert_eq!(
+                    fast,
+                    to_text(&render(&event).unwrap()).unwrap(),
+                    "{msg_type}"
+                );
+                assert_eq!(render_text(&event).unwrap().unwrap(), fast);
+            }
         }
     }
 
