@@ -201,6 +201,19 @@ impl Direct {
     }
 }
 
+/// `DELETE url` with the benchmark's token (in the `token` scheme both servers accept).
+async fn delete(url: String) -> Result<(), BoxError> {
+    let resp = reqwest::Client::new()
+        .delete(&url)
+        .header("Authorization", format!("token {TOKEN}"))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(format!("DELETE {url}: {}", resp.status()).into());
+    }
+    Ok(())
+}
+
 /// Opens a WebSocket (large messages allowed, Nagle off).
 pub async fn connect(
     request: tokio_tungstenite::tungstenite::handshake::client::Request,
@@ -282,15 +295,7 @@ impl Native {
     /// Ends the session (`DELETE /v1/sessions/{id}`), closing the socket.
     pub async fn delete(self, addr: std::net::SocketAddr) -> Result<(), BoxError> {
         drop(self.ws);
-        let resp = reqwest::Client::new()
-            .delete(format!("http://{addr}/v1/sessions/{}", self.session))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            return Err(format!("delete session: {}", resp.status()).into());
-        }
-        Ok(())
+        delete(format!("http://{addr}/v1/sessions/{}", self.session)).await
     }
 
     /// Creates a session (`POST /v1/sessions`) and opens its WebSocket.
@@ -379,15 +384,7 @@ impl Jupyter {
     /// Shuts the kernel down (`DELETE /api/kernels/{id}`), closing the socket.
     pub async fn delete(self, addr: std::net::SocketAddr) -> Result<(), BoxError> {
         drop(self.ws);
-        let resp = reqwest::Client::new()
-            .delete(format!("http://{addr}/api/kernels/{}", self.kernel))
-            .header("Authorization", format!("token {TOKEN}"))
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            return Err(format!("delete kernel: {}", resp.status()).into());
-        }
-        Ok(())
+        delete(format!("http://{addr}/api/kernels/{}", self.kernel)).await
     }
 
     /// Starts a kernel (`POST /api/kernels`) and opens its channels.

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::session::{Channel, Header, Message};
 
@@ -319,25 +319,9 @@ fn frame_json(channel: Channel, msg: &Message, with_buffers: bool) -> String {
 }
 
 /// A kernel message as the JSON text Jupyter clients read (buffers left out; see
-/// [`encode_legacy_binary`] for messages that have them). The same object as [`to_json`],
-/// serialised without building it.
+/// [`encode_legacy_binary`] for messages that have them), serialised without building a value.
 pub fn to_json_text(channel: Channel, msg: &Message) -> String {
     frame_json(channel, msg, true)
-}
-
-/// A kernel message as the JSON object Jupyter clients read (buffers left out; see
-/// [`encode_legacy_binary`] for messages that have them).
-pub fn to_json(channel: Channel, msg: &Message) -> Value {
-    json!({
-        "channel": channel.as_str(),
-        "header": msg.header,
-        "msg_id": msg.header.msg_id,
-        "msg_type": msg.header.msg_type,
-        "parent_header": ParentJson(msg.parent_header.as_ref()),
-        "metadata": msg.metadata,
-        "content": msg.content,
-        "buffers": [],
-    })
 }
 
 /// The legacy binary frame of a message with buffers.
@@ -406,6 +390,22 @@ pub fn synthetic(msg_type: &str, parent: Option<&Header>, content: Value) -> Mes
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The JSON object Jupyter clients read, built the plain way: what [`to_json_text`] and
+    /// [`encode_legacy_binary`] must write.
+    fn to_json(channel: Channel, msg: &Message) -> Value {
+        json!({
+            "channel": channel.as_str(),
+            "header": msg.header,
+            "msg_id": msg.header.msg_id,
+            "msg_type": msg.header.msg_type,
+            "parent_header": ParentJson(msg.parent_header.as_ref()),
+            "metadata": msg.metadata,
+            "content": msg.content,
+            "buffers": [],
+        })
+    }
 
     fn request() -> Message {
         let mut msg = Message::new("execute_request", "s1", json!({"code": "1+1"}));
