@@ -200,6 +200,9 @@ impl Actor {
                 incoming = recv_incoming(&mut self.incoming) => match incoming {
                     Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg),
                     Some(Incoming::HeartbeatLost) => self.on_death(ExitReason::HeartbeatLost),
+                    Some(Incoming::Fault(fault)) => {
+                        self.kernel_lost(Death::WireFault, fault.to_string());
+                    }
                     None => self.incoming = None,
                 },
                 reason = self.process.exited(), if self.watching_exit => self.on_death(reason),
@@ -816,15 +819,22 @@ impl Actor {
     }
 
     fn on_death(&mut self, reason: ExitReason) {
+        self.kernel_lost(Death::from(&reason), reason.to_string());
+    }
+
+    /// The kernel is gone (or no longer trusted): drops its client (every connection, and
+    /// whatever it still had queued), reports it dead with `reason`, aborts what waited on it.
+    /// The process stays until a restart or close replaces it.
+    fn kernel_lost(&mut self, death: Death, reason: String) {
         tracing::info!(session = %self.id, %reason, "kernel died");
-        m::kernel_died(Death::from(&reason));
+        m::kernel_died(death);
         self.watching_exit = false;
         self.client = None;
         self.incoming = None;
         self.connecting = None;
         self.interrupt_deadline = None;
         // The death first, then the cells it aborted: clients learn the cause before the effect.
-        self.set_state(KernelState::Dead, Some(reason.to_string()));
+        self.set_state(KernelState::Dead, Some(reason));
         self.abort_all("aborted");
         for (_, msg, origin) in std::mem::take(&mut self.forwards) {
             let what = format!("the kernel died: {} was not sent", msg.msg_type());
