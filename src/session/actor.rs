@@ -23,6 +23,10 @@ use crate::sandbox::{ExitReason, InstallError, KernelProcess, PackageInstaller};
 /// How many recently finished cells keep their routing, for late output from threads.
 const RECENT_CELLS: usize = 64;
 
+/// Bytes of client-built messages (`Session::forward`) that may wait, in all, for a starting
+/// or restarting kernel (besides `max_queue` of them); more are refused, not buffered.
+const MAX_WAITING_FORWARD_BYTES: usize = 64 << 20;
+
 /// The cell the kernel is running now.
 struct Running {
     cell: Arc<str>,
@@ -72,6 +76,8 @@ pub(crate) struct Actor {
     interrupt_deadline: Option<Instant>,
     /// Client-built messages waiting for the kernel to be ready.
     forwards: VecDeque<(Channel, Message, Arc<str>)>,
+    /// Their estimated size in all (`Message::estimated_size`).
+    forwards_bytes: usize,
     /// Completion/inspection queries waiting for the kernel to be ready.
     pending_queries: VecDeque<(&'static str, Value, CodeQuery)>,
     /// The kernel's files hook, for `done.files` (when the kernel's working dir is known).
@@ -150,6 +156,7 @@ impl Actor {
             input_parent: None,
             interrupt_deadline: None,
             forwards: VecDeque::new(),
+            forwards_bytes: 0,
             pending_queries: VecDeque::new(),
         };
         match kernel.client {
@@ -523,12 +530,18 @@ impl Actor {
 
     /// Sends the messages that waited for the kernel (or rejects them if it did not come up).
     async fn flush_forwards(&mut self) {
-        for (channel, msg, origin) in std::mem::take(&mut self.forwards) {
+        for (channel, msg, origin) in self.take_forwards() {
             self.forward(channel, msg, origin).await;
         }
         for (msg_type, content, query) in std::mem::take(&mut self.pending_queries) {
             self.query(msg_type, content, query).await;
         }
+    }
+
+    /// The client-built messages that waited for the kernel, now to be sent or rejected.
+    fn take_forwards(&mut self) -> VecDeque<(Channel, Message, Arc<str>)> {
+        self.forwards_bytes = 0;
+        std::mem::take(&mut self.forwards)
     }
 
     /// Sends a client-built message as it is (only signed); answers are tagged with `origin`.
@@ -542,14 +555,27 @@ impl Actor {
         }
         let Some(client) = &self.client else {
             let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
-            if waiting && self.forwards.len() < self.opts.max_queue {
+            let size = msg.estimated_size();
+            let room = self.forwards.len() < self.opts.max_queue
+                && self.forwards_bytes.saturating_add(size) <= MAX_WAITING_FORWARD_BYTES;
+            if waiting && room {
+                self.forwards_bytes += size;
                 self.forwards.push_back((channel, msg, origin));
                 return;
             }
             let state = self.state.as_str();
+            let why = if waiting {
+                format!(
+                    "the kernel is {state} and {} messages ({}) wait for it already",
+                    self.forwards.len(),
+                    human_bytes(self.forwards_bytes)
+                )
+            } else {
+                format!("the kernel is {state}")
+            };
             self.reject(
                 Some(origin),
-                format!("the kernel is {state}: {} was not sent", msg.msg_type()),
+                format!("{why}: {} was not sent", msg.msg_type()),
             );
             return;
         };
@@ -836,7 +862,7 @@ impl Actor {
         // The death first, then the cells it aborted: clients learn the cause before the effect.
         self.set_state(KernelState::Dead, Some(reason));
         self.abort_all("aborted");
-        for (_, msg, origin) in std::mem::take(&mut self.forwards) {
+        for (_, msg, origin) in self.take_forwards() {
             let what = format!("the kernel died: {} was not sent", msg.msg_type());
             self.reject(Some(origin), what);
         }
