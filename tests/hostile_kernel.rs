@@ -3,15 +3,20 @@
 //! survive, report that session's kernel `dead` with the reason, and keep every other session
 //! working. The server runs as a subprocess: an abort would otherwise take the test with it.
 //!
+//! The same attacks against the wire client alone (in process) check the typed `WireFault`.
+//!
 //! Local backend (needs the kernel venv: `cargo run -- setup`); the Docker variant needs the
 //! kernel image (`kernel-image/build.sh`) and is skipped without Docker.
 mod common;
+#[path = "common/kernel.rs"]
+mod kernel_common;
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
+use kernelbox::kernel::{Channel, ClientOptions, Incoming, KernelClient, WireFault};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -272,4 +277,63 @@ async fn a_frame_declaring_2_pow_62_bytes_from_a_docker_kernel() {
     }
     let server = Server::start(&["--backend", "docker"], &[]).await;
     survives(server, &attack(HUGE_FRAME), "oversized").await;
+}
+
+/// The wire client alone, in this process, against a real kernel that runs `code`: the first
+/// fault it reports (an abort would end this test binary).
+async fn client_fault(code: &str, opts: ClientOptions) -> WireFault {
+    let kernel = kernel_common::TestKernel::start_tcp();
+    let (client, mut rx) = KernelClient::connect(&kernel.info, opts)
+        .await
+        .unwrap_or_else(|e| panic!("connect failed: {e}"));
+    let content = json!({"code": code, "silent": false, "store_history": false,
+        "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
+    client
+        .request(Channel::Shell, "execute_request", content, None)
+        .await
+        .expect("send execute_request");
+    let fault = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(item) = rx.recv().await {
+            if let Incoming::Fault(fault) = item {
+                return Some(*fault);
+            }
+        }
+        None
+    })
+    .await;
+    match fault {
+        Ok(Some(fault)) => fault,
+        Ok(None) => panic!("the client's channel closed without a fault"),
+        Err(_) => panic!("no fault in 30 s"),
+    }
+}
+
+#[tokio::test]
+async fn the_client_reports_a_2_pow_62_byte_frame_as_oversized() {
+    let fault = client_fault(&attack(HUGE_FRAME), ClientOptions::default()).await;
+    assert!(
+        matches!(fault, WireFault::Oversized { size, max, .. }
+            if size > 1 << 62 && max == kernelbox::kernel::DEFAULT_MAX_MESSAGE_SIZE),
+        "{fault:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_client_reports_malformed_zmtp() {
+    let fault = client_fault(&attack(MALFORMED), ClientOptions::default()).await;
+    assert!(matches!(fault, WireFault::Malformed { .. }), "{fault:?}");
+}
+
+#[tokio::test]
+async fn the_client_limit_is_configurable() {
+    let opts = ClientOptions {
+        max_message_size: 1 << 20,
+        ..ClientOptions::default()
+    };
+    let fault = client_fault("print('x' * 3_000_000)", opts).await;
+    assert!(
+        matches!(fault, WireFault::Oversized { channel: "iopub", size, max: 1_048_576 }
+            if size > 1 << 20),
+        "{fault:?}"
+    );
 }
