@@ -89,6 +89,9 @@ pub enum KernelError {
     /// A message could not be encoded for the wire.
     #[error("cannot encode message: {0}")]
     Codec(#[from] CodecError),
+    /// The kernel broke the wire protocol while `connect` waited for it.
+    #[error("{0}")]
+    Wire(#[from] WireFault),
     /// `send` was asked to use a channel clients cannot send on (iopub, heartbeat).
     #[error("cannot send on the {0} channel (only shell, control and stdin)")]
     WrongChannel(&'static str),
@@ -238,7 +241,7 @@ impl KernelClient {
             .await
             .map_err(|_| KernelError::NotReady(opts.ready_timeout))??;
 
-        let (incoming_tx, incoming_rx) = mpsc::channel(opts.incoming_capacity.max(1));
+        let (incoming_tx, mut incoming_rx) = mpsc::channel(opts.incoming_capacity.max(1));
         let (ready_tx, ready_rx) = mpsc::channel(READY_CAPACITY);
         let mut tasks = Tasks(Vec::with_capacity(5));
         let reader = |channel| Reader {
@@ -269,12 +272,18 @@ impl KernelClient {
         } else {
             Channel::Shell
         };
-        client.kernel_info = tokio::time::timeout_at(
+        let ready = tokio::time::timeout_at(
             deadline,
             client.await_ready(ready_channel, &ready_prefix, ready_rx),
         )
         .await
-        .map_err(|_| not_ready)??;
+        .map_err(|_| not_ready)
+        .and_then(|ready| ready);
+        client.kernel_info = match ready {
+            Ok(info) => info,
+            // A socket that stopped because the kernel broke the protocol says why.
+            Err(error) => return Err(first_fault(&mut incoming_rx).unwrap_or(error)),
+        };
 
         client._tasks.spawn(run_heartbeat(
             sockets.heartbeat,
@@ -377,6 +386,17 @@ impl KernelClient {
             }
         }
     }
+}
+
+/// The first wire fault already reported on `incoming`, as an error (what is read before it is
+/// dropped: the client is not handed out).
+fn first_fault(incoming: &mut mpsc::Receiver<Incoming>) -> Option<KernelError> {
+    while let Ok(item) = incoming.try_recv() {
+        if let Incoming::Fault(fault) = item {
+            return Some(KernelError::Wire(*fault));
+        }
+    }
+    None
 }
 
 /// The sending half of a request/reply DEALER. Sends go straight into the socket's queue; the

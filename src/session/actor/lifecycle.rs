@@ -31,7 +31,10 @@ impl Actor {
             }
             Err(e) => {
                 tracing::warn!(session = %self.id, error = %e, "kernel did not become ready");
-                m::kernel_died(Death::NotReady);
+                m::kernel_died(match e {
+                    KernelError::Wire(_) => Death::WireFault,
+                    _ => Death::NotReady,
+                });
                 self.watching_exit = false;
                 self.set_state(KernelState::Dead, Some(e.to_string()));
                 self.abort_all("aborted");
