@@ -6,6 +6,7 @@
 # `SCENARIOS=relay,startup,scale` picks scenarios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+patches/apply.sh
 cargo build --release --quiet
 ./target/release/kernelbox setup >/dev/null
 kernel-image/build.sh >/dev/null

@@ -7,6 +7,7 @@
 # and some 40,000 runs a second.
 set -euo pipefail
 cd "$(dirname "$0")"
+../patches/apply.sh
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 seconds=${FUZZ_SECONDS:-20}

@@ -144,6 +144,11 @@ struct ServeArgs {
     /// Output (MiB) one cell may produce; beyond it output is dropped and the client told.
     #[arg(long, env = "KERNELBOX_MAX_CELL_OUTPUT_MB", default_value_t = 64)]
     max_cell_output_mb: usize,
+    /// Largest message (MiB) a kernel may send on any of its sockets, checked before anything
+    /// is allocated for it; a kernel that sends more is disconnected and reported dead.
+    #[arg(long, env = "KERNELBOX_MAX_KERNEL_MESSAGE_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    max_kernel_message_mb: u32,
     /// Close sessions idle this many seconds (0: never). Busy sessions are never culled.
     #[arg(long, env = "KERNELBOX_CULL_IDLE_S", default_value_t = 3600)]
     cull_idle_s: u64,
@@ -358,6 +363,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         max_cell_output_bytes: args.max_cell_output_mb.saturating_mul(1 << 20),
         cull_idle: (args.cull_idle_s > 0).then(|| Duration::from_secs(args.cull_idle_s)),
         cull_connected: args.cull_connected,
+        client: kernelbox::kernel::ClientOptions {
+            max_message_size: (args.max_kernel_message_mb as usize).saturating_mul(1 << 20),
+            ..Default::default()
+        },
         ..SessionOptions::default()
     };
     let (sessions, startup) = SessionManager::open(sandbox, options, store)

@@ -349,6 +349,8 @@ async fn kernel_killed_mid_cell_does_not_hang() {
                 Incoming::Message { channel, msg } => {
                     panic!("unexpected {}/{}", channel.as_str(), msg.msg_type())
                 }
+                // A killed kernel's connections close; that is no protocol fault.
+                Incoming::Fault(fault) => panic!("unexpected fault: {fault}"),
             }
         }
     })

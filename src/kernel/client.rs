@@ -12,6 +12,12 @@
 //!   `tracing::warn!`, never a panic.
 //! - The heartbeat task pings every `heartbeat_interval`; after `heartbeat_misses` misses in a row
 //!   it sends `Incoming::HeartbeatLost` once.
+//! - No socket buffers a message over `max_message_size` bytes: the (patched, see
+//!   `patches/README.md`) zeromq decoder checks every declared frame length, with the frames of
+//!   the same message before it, ahead of any allocation. A kernel that goes over the limit, or
+//!   speaks malformed ZMTP, on any socket (heartbeat included) gets `Incoming::Fault` sent once:
+//!   its framing is lost and what it says can no longer be trusted. The socket stops reading;
+//!   the session drops the client (every connection) and reports the kernel dead.
 //! - Dropping the client stops all its tasks and closes all sockets. After a kernel restart the
 //!   session makes a new client (old sockets do not reconnect).
 //!
@@ -39,8 +45,8 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use zeromq::util::PeerIdentity;
 use zeromq::{
-    DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv,
-    SocketSend, SubSocket, ZmqError, ZmqMessage,
+    CodecError as ZmtpError, DealerRecvHalf, DealerSendHalf, DealerSocket, Socket, SocketEvent,
+    SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError, ZmqMessage,
 };
 
 use super::codec::{self, CodecError};
@@ -83,6 +89,9 @@ pub enum KernelError {
     /// A message could not be encoded for the wire.
     #[error("cannot encode message: {0}")]
     Codec(#[from] CodecError),
+    /// The kernel broke the wire protocol while `connect` waited for it.
+    #[error("{0}")]
+    Wire(#[from] WireFault),
     /// `send` was asked to use a channel clients cannot send on (iopub, heartbeat).
     #[error("cannot send on the {0} channel (only shell, control and stdin)")]
     WrongChannel(&'static str),
@@ -94,6 +103,54 @@ pub enum KernelError {
         /// Why.
         reason: String,
     },
+}
+
+/// Why the client stopped trusting a kernel's connection: what the kernel sent broke the wire
+/// protocol, so nothing it sends after can be framed (or believed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireFault {
+    /// A message (a frame's declared length plus its message's earlier frames) over the limit.
+    #[error(
+        "the kernel sent an oversized message on {channel}: at least {size} bytes, over the \
+         {max}-byte limit (--max-kernel-message-mb)"
+    )]
+    Oversized {
+        /// The channel it came on.
+        channel: &'static str,
+        /// The size declared so far.
+        size: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// Bytes that are not ZMTP (a bad frame header, a garbled command).
+    #[error("the kernel sent a malformed message on {channel}: {reason}")]
+    Malformed {
+        /// The channel it came on.
+        channel: &'static str,
+        /// What the decoder said.
+        reason: String,
+    },
+}
+
+impl WireFault {
+    /// The fault a socket error reports, if it is one of the kernel's making; `None` for a
+    /// connection that merely went (I/O errors, a closed socket).
+    fn of(channel: Channel, error: &ZmqError) -> Option<WireFault> {
+        let channel = channel.as_str();
+        match error {
+            ZmqError::Codec(ZmtpError::MessageTooLarge { size, max }) => Some(Self::Oversized {
+                channel,
+                size: *size,
+                max: *max,
+            }),
+            ZmqError::Codec(ZmtpError::Io(_)) => None,
+            ZmqError::Codec(other) => Some(Self::Malformed {
+                channel,
+                reason: other.to_string(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Something the kernel said (or the heartbeat noticed), in arrival order per channel.
@@ -113,6 +170,9 @@ pub enum Incoming {
     },
     /// The heartbeat missed `heartbeat_misses` pings in a row.
     HeartbeatLost,
+    /// The kernel broke the wire protocol on a socket (sent once per socket; see `WireFault`).
+    /// Boxed: rare, and it keeps this type 16 bytes.
+    Fault(Box<WireFault>),
 }
 
 /// Tunables of the client.
@@ -130,7 +190,13 @@ pub struct ClientOptions {
     /// that was ready before (taken over from another server process), which may be running a
     /// cell and so not answer on shell until it ends. ipykernel answers on control while busy.
     pub ready_via_control: bool,
+    /// The largest message (all frames, each counted with ~32 bytes of bookkeeping) a kernel
+    /// may send on any socket; checked before anything is allocated for it.
+    pub max_message_size: usize,
 }
+
+/// The default `ClientOptions::max_message_size`: 256 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 256 << 20;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -140,6 +206,7 @@ impl Default for ClientOptions {
             heartbeat_misses: 3,
             incoming_capacity: 4096,
             ready_via_control: false,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -169,11 +236,12 @@ impl KernelClient {
         let session = uuid::Uuid::new_v4().to_string();
         let ready_prefix = format!("kernelbox-ready-{session}-");
 
-        let sockets = tokio::time::timeout_at(deadline, connect_sockets(info, deadline))
+        let sockets = connect_sockets(info, deadline, opts.max_message_size);
+        let sockets = tokio::time::timeout_at(deadline, sockets)
             .await
             .map_err(|_| KernelError::NotReady(opts.ready_timeout))??;
 
-        let (incoming_tx, incoming_rx) = mpsc::channel(opts.incoming_capacity.max(1));
+        let (incoming_tx, mut incoming_rx) = mpsc::channel(opts.incoming_capacity.max(1));
         let (ready_tx, ready_rx) = mpsc::channel(READY_CAPACITY);
         let mut tasks = Tasks(Vec::with_capacity(5));
         let reader = |channel| Reader {
@@ -204,12 +272,18 @@ impl KernelClient {
         } else {
             Channel::Shell
         };
-        client.kernel_info = tokio::time::timeout_at(
+        let ready = tokio::time::timeout_at(
             deadline,
             client.await_ready(ready_channel, &ready_prefix, ready_rx),
         )
         .await
-        .map_err(|_| not_ready)??;
+        .map_err(|_| not_ready)
+        .and_then(|ready| ready);
+        client.kernel_info = match ready {
+            Ok(info) => info,
+            // A socket that stopped because the kernel broke the protocol says why.
+            Err(error) => return Err(first_fault(&mut incoming_rx).unwrap_or(error)),
+        };
 
         client._tasks.spawn(run_heartbeat(
             sockets.heartbeat,
@@ -314,6 +388,17 @@ impl KernelClient {
     }
 }
 
+/// The first wire fault already reported on `incoming`, as an error (what is read before it is
+/// dropped: the client is not handed out).
+fn first_fault(incoming: &mut mpsc::Receiver<Incoming>) -> Option<KernelError> {
+    while let Ok(item) = incoming.try_recv() {
+        if let Incoming::Fault(fault) = item {
+            return Some(KernelError::Wire(*fault));
+        }
+    }
+    None
+}
+
 /// The sending half of a request/reply DEALER. Sends go straight into the socket's queue; the
 /// reading half's task marks it closed when the kernel disconnects, so that later sends fail
 /// rather than queue into a socket nobody reads.
@@ -388,10 +473,15 @@ struct Sockets {
 
 /// Creates and connects every socket concurrently: iopub subscribed first, shell and stdin
 /// sharing one routing identity (the kernel answers `input_request`s to that identity).
-async fn connect_sockets(info: &ConnectionInfo, deadline: Instant) -> Result<Sockets, KernelError> {
+async fn connect_sockets(
+    info: &ConnectionInfo,
+    deadline: Instant,
+    max_message_size: usize,
+) -> Result<Sockets, KernelError> {
     let identity = PeerIdentity::new();
     let with_identity = |id: Option<&PeerIdentity>| {
         let mut options = SocketOptions::default();
+        options.max_message_size(max_message_size);
         // Our own deadline bounds connecting; the crate's 30 s default must not cut it short.
         options.no_connect_timeout();
         if let Some(id) = id {
@@ -503,6 +593,18 @@ struct Reader {
 }
 
 impl Reader {
+    /// Reports a socket error that is the kernel's fault (once: the socket's task then ends).
+    async fn socket_failed(&self, error: &ZmqError) {
+        let channel = self.channel.as_str();
+        match WireFault::of(self.channel, error) {
+            Some(fault) => {
+                tracing::warn!(channel, %fault, "kernel broke the wire protocol; stopping");
+                let _ = self.incoming.send(Incoming::Fault(Box::new(fault))).await;
+            }
+            None => tracing::warn!(channel, %error, "socket failed; stopping"),
+        }
+    }
+
     /// Verifies and decodes `frames`, then routes the message: readiness chatter to `connect`
     /// (or nowhere), everything else to the `Incoming` channel, waiting for room there.
     async fn deliver(&self, frames: ZmqMessage) {
@@ -536,7 +638,7 @@ async fn run_iopub(mut sub: Monitored<SubSocket>, reader: Reader) {
             received = sub.socket.recv() => match received {
                 Ok(frames) => reader.deliver(frames).await,
                 Err(error) => {
-                    tracing::warn!(channel = "iopub", %error, "socket failed; stopping");
+                    reader.socket_failed(&error).await;
                     return;
                 }
             },
@@ -563,7 +665,7 @@ async fn run_dealer(
             received = dealer.recv() => match received {
                 Ok(frames) => reader.deliver(frames).await,
                 Err(error) => {
-                    tracing::warn!(channel, %error, "socket failed; stopping");
+                    reader.socket_failed(&error).await;
                     break;
                 }
             },
@@ -607,24 +709,36 @@ async fn run_heartbeat(
             Ok(ping) => hb.socket.send(ping).await.is_ok(),
             Err(_) => false,
         };
-        let answered = sent
-            && tokio::time::timeout(interval, async {
+        let answer = if sent {
+            tokio::time::timeout(interval, async {
                 loop {
                     tokio::select! {
                         biased;
                         received = hb.socket.recv() => match received {
-                            Ok(pong) if pong.iter().last() == Some(&payload) => return Some(()),
+                            Ok(pong) if pong.iter().last() == Some(&payload) => return Ok(true),
                             Ok(_) => {} // a late answer to an earlier ping
-                            Err(_) => return None,
+                            Err(error) => return Err(error),
                         },
-                        () = peer_gone(&mut hb.events) => return None,
+                        () = peer_gone(&mut hb.events) => return Ok(false),
                     }
                 }
             })
             .await
-            .ok()
-            .flatten()
-            .is_some();
+        } else {
+            Ok(Ok(false))
+        };
+        let answered = match answer {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(error)) => {
+                if let Some(fault) = WireFault::of(Channel::Heartbeat, &error) {
+                    tracing::warn!(channel = "hb", %fault, "kernel broke the wire protocol");
+                    let _ = incoming.send(Incoming::Fault(Box::new(fault))).await;
+                    return;
+                }
+                false
+            }
+            Err(_elapsed) => false,
+        };
         if answered {
             misses = 0;
             continue;

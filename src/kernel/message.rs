@@ -119,4 +119,51 @@ impl Message {
     pub fn parent_id(&self) -> Option<&str> {
         self.parent_header.as_ref().map(|h| h.msg_id.as_str())
     }
+
+    /// Roughly the bytes this message holds: content, buffers, identities, metadata (measured
+    /// by serializing it into a counter: a scan, no copy) and a fixed allowance per header.
+    /// For bounding what waits in memory, not for the hot path.
+    pub fn estimated_size(&self) -> usize {
+        /// Counts what is written to it.
+        struct Counter(usize);
+        impl std::io::Write for Counter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        const HEADER: usize = 512;
+        let mut metadata = Counter(0);
+        // Writing into a counter cannot fail; a failure would only undercount.
+        let _ = serde_json::to_writer(&mut metadata, &self.metadata);
+        let frames: usize = self
+            .buffers
+            .iter()
+            .chain(&self.identities)
+            .map(Bytes::len)
+            .sum();
+        self.content.len() + frames + metadata.0 + 2 * HEADER
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimated_size_counts_content_buffers_and_metadata() {
+        let mut msg = Message::new(
+            "comm_msg",
+            "s",
+            serde_json::json!({"data": "x".repeat(1000)}),
+        );
+        let small = msg.estimated_size();
+        assert!(small >= 1000, "{small}");
+        msg.buffers.push(Bytes::from(vec![0u8; 1 << 20]));
+        msg.metadata = serde_json::json!({"note": "y".repeat(5000)});
+        assert!(msg.estimated_size() >= small + (1 << 20) + 5000);
+    }
 }

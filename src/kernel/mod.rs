@@ -8,7 +8,9 @@ pub mod content;
 pub mod message;
 pub mod signer;
 
-pub use client::{ClientOptions, Incoming, KernelClient, KernelError};
+pub use client::{
+    ClientOptions, DEFAULT_MAX_MESSAGE_SIZE, Incoming, KernelClient, KernelError, WireFault,
+};
 pub use codec::CodecError;
 pub use connection::{ConnectionInfo, Transport};
 pub use content::{Content, ContentError};

@@ -99,6 +99,8 @@ pub(crate) enum Death {
     OutOfMemory,
     /// The heartbeat stopped answering.
     HeartbeatLost,
+    /// The kernel broke the wire protocol (an oversized or malformed message).
+    WireFault,
     /// The sandbox vanished or could not be watched.
     Vanished,
     /// It never proved ready.
@@ -132,6 +134,7 @@ pub(crate) fn kernel_died(death: Death) {
         Death::Signal => metrics::counter!(KERNEL_DEATHS, "reason" => "signal"),
         Death::OutOfMemory => metrics::counter!(KERNEL_DEATHS, "reason" => "out_of_memory"),
         Death::HeartbeatLost => metrics::counter!(KERNEL_DEATHS, "reason" => "heartbeat_lost"),
+        Death::WireFault => metrics::counter!(KERNEL_DEATHS, "reason" => "wire_fault"),
         Death::Vanished => metrics::counter!(KERNEL_DEATHS, "reason" => "vanished"),
         Death::NotReady => metrics::counter!(KERNEL_DEATHS, "reason" => "not_ready"),
         Death::RestartFailed => metrics::counter!(KERNEL_DEATHS, "reason" => "restart_failed"),

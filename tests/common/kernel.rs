@@ -200,6 +200,7 @@ pub fn summary(seen: &[Incoming]) -> String {
                 format!("{}/{}", channel.as_str(), msg.msg_type())
             }
             Incoming::HeartbeatLost => "heartbeat-lost".into(),
+            Incoming::Fault(fault) => format!("fault: {fault}"),
         })
         .collect::<Vec<_>>()
         .join(", ")
