@@ -742,7 +742,9 @@ fn keeper_body(
             memory: Some(KEEPER_MEMORY),
             memory_swap: Some(KEEPER_MEMORY),
             nano_cpus: Some(50_000_000),
-            pids_limit: Some(32),
+            // Under another runtime (gVisor) the sandbox's own threads count too: 32 is too few
+            // for runsc to boot.
+            pids_limit: Some(if config.runtime.is_some() { 128 } else { 32 }),
             init: Some(false),
             log_config: Some(small_log()),
             runtime: config.runtime.clone(),
