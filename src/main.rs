@@ -165,6 +165,11 @@ struct ServeArgs {
     /// Output (MiB) one cell may produce; beyond it output is dropped and the client told.
     #[arg(long, env = "KERNELBOX_MAX_CELL_OUTPUT_MB", default_value_t = 64)]
     max_cell_output_mb: usize,
+    /// Bytes (MiB) of code and forwarded Jupyter messages each session may hold queued (a cell
+    /// counts until it is sent to the kernel); beyond it new cells are refused (`429` / an
+    /// error event) until queued ones run.
+    #[arg(long, env = "KERNELBOX_MAX_QUEUED_MB", default_value_t = 64)]
+    max_queued_mb: usize,
     /// Close sessions idle this many seconds (0: never). Busy sessions are never culled.
     #[arg(long, env = "KERNELBOX_CULL_IDLE_S", default_value_t = 3600)]
     cull_idle_s: u64,
@@ -402,6 +407,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         )?
         .unwrap_or_default(),
         max_cell_output_bytes: args.max_cell_output_mb.saturating_mul(1 << 20),
+        max_queued_bytes: args.max_queued_mb.saturating_mul(1 << 20),
         cull_idle: (args.cull_idle_s > 0).then(|| Duration::from_secs(args.cull_idle_s)),
         cull_connected: args.cull_connected,
         ..SessionOptions::default()

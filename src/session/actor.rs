@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::changed_files::{ChangedFile, FilesTracker};
 use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
 use super::fanout::Fanout;
-use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
+use super::handle::{CodeQuery, Command, ExecuteRequest, Queued, Status};
 use super::metrics::{self as m, Death, StartKind};
 use super::{Kernel, SessionOptions};
 use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
@@ -64,7 +64,7 @@ pub(crate) struct Actor {
     incoming: Option<mpsc::Receiver<Incoming>>,
     connecting: Option<Connecting>,
     watching_exit: bool,
-    queue: VecDeque<ExecuteRequest>,
+    queue: VecDeque<(ExecuteRequest, Queued)>,
     running: Option<Running>,
     queries: HashMap<String, Arc<str>>,
     recent: VecDeque<(String, Arc<str>)>,
@@ -282,12 +282,13 @@ impl Actor {
             return Ok(());
         }
         self.refresh_imports().await?;
-        let Some(request) = self.queue.pop_front() else {
+        // `queued` gives the cell's bytes back to the session's budget once it is sent.
+        let Some((request, queued)) = self.queue.pop_front() else {
             return Ok(());
         };
         self.update_status(|s| s.queued = self.queue.len());
         let Some(client) = &self.client else {
-            self.queue.push_front(request);
+            self.queue.push_front((request, queued));
             return Ok(());
         };
         let user_expressions = self
@@ -350,7 +351,7 @@ impl Actor {
     async fn handle(&mut self, command: Command) {
         self.update_status(|s| s.last_activity = Utc::now());
         match command {
-            Command::Execute(request) => self.enqueue(request),
+            Command::Execute(request, queued) => self.enqueue(request, queued),
             Command::Interrupt => self.interrupt().await,
             Command::Restart => self.restart(Death::RestartRequested).await,
             Command::InputReply(value) => self.input_reply(value).await,
@@ -377,7 +378,12 @@ impl Actor {
                 channel,
                 msg,
                 origin,
-            } => self.forward(channel, *msg, origin).await,
+                queued,
+            } => {
+                self.forward(channel, *msg, origin).await;
+                // Forwarded (or refused): its bytes go back to the session's budget.
+                drop(queued);
+            }
             Command::Install {
                 id,
                 packages,
@@ -556,7 +562,7 @@ impl Actor {
         }
     }
 
-    fn enqueue(&mut self, request: ExecuteRequest) {
+    fn enqueue(&mut self, request: ExecuteRequest, queued: Queued) {
         let cell = request.cell.clone();
         match self.state {
             KernelState::Dead | KernelState::Closed => {
@@ -574,7 +580,7 @@ impl Actor {
             return;
         }
         let position = self.queue.len() + usize::from(self.running.is_some());
-        self.queue.push_back(request);
+        self.queue.push_back((request, queued));
         self.update_status(|s| s.queued = self.queue.len());
         self.emit(Some(cell), EventKind::Accepted { position });
     }
@@ -921,7 +927,7 @@ impl Actor {
                 },
             );
         }
-        for request in std::mem::take(&mut self.queue) {
+        for (request, _) in std::mem::take(&mut self.queue) {
             self.emit(
                 Some(request.cell),
                 EventKind::Done {

@@ -361,6 +361,7 @@ impl SessionManager {
             commands: commands_tx,
             fanout: fanout.clone(),
             status: status.clone(),
+            queue_budget: super::handle::QueueBudget::new(self.options.max_queued_bytes),
         });
         let actor = Actor::new(
             id.clone(),
