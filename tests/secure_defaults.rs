@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kernelbox::kernel::ConnectionInfo;
 use kernelbox::sandbox::PersistedKernel;
-use kernelbox::sandbox::docker::{DockerConfig, DockerSandbox};
+use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
 use kernelbox::session::SessionOptions;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -175,26 +175,29 @@ async fn kernel_uid_root_is_refused() {
     assert!(stderr.contains("kernels would run as root"), "{stderr}");
 }
 
-/// A server running as the kernel's uid (1000) is refused at start, before it touches the
-/// engine. Needs root (to drop to uid 1000 with `setpriv`).
-#[tokio::test]
-async fn server_running_as_the_kernel_uid_is_refused() {
+/// Runs `kernelbox serve --backend docker` as `uid` (with `groups`) through `setpriv`, with a
+/// state dir that uid owns; `None` when that is impossible here (not root, no setpriv).
+async fn serve_docker_as(uid: u32, groups: &str) -> Option<(bool, String)> {
     if !nix::unistd::getuid().is_root() || !Path::new("/usr/bin/setpriv").exists() {
-        eprintln!("SKIPPED: needs root and setpriv to run the server as uid 1000");
-        return;
+        eprintln!("SKIPPED: needs root and setpriv to run the server as uid {uid}");
+        return None;
     }
     let state = PathBuf::from(format!(
         "/tmp/kbt-uid-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     ));
     std::fs::create_dir_all(&state).expect("state dir");
-    std::os::unix::fs::chown(&state, Some(1000), Some(1000)).expect("chown state dir");
+    std::os::unix::fs::chown(&state, Some(uid), Some(uid)).expect("chown state dir");
     let mut command = Command::new("/usr/bin/setpriv");
     command
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg(if groups.is_empty() {
+            "--clear-groups".to_owned()
+        } else {
+            format!("--groups={groups}")
+        })
         .args([
-            "--reuid=1000",
-            "--regid=1000",
-            "--clear-groups",
             "--",
             env!("CARGO_BIN_EXE_kernelbox"),
             "serve",
@@ -202,6 +205,7 @@ async fn server_running_as_the_kernel_uid_is_refused() {
             "127.0.0.1:0",
             "--backend",
             "docker",
+            "--ephemeral",
         ])
         .env_remove("DOCKER_HOST")
         .env("HOME", &state)
@@ -210,11 +214,44 @@ async fn server_running_as_the_kernel_uid_is_refused() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let (ok, stderr) = run_to_end(command).await;
+    let outcome = run_to_end(command).await;
     let _ = std::fs::remove_dir_all(&state);
+    Some(outcome)
+}
+
+/// A server running as the kernel's uid (1000) is refused at start, before it touches the
+/// engine.
+#[tokio::test]
+async fn server_running_as_the_kernel_uid_is_refused() {
+    let Some((ok, stderr)) = serve_docker_as(1000, "").await else {
+        return;
+    };
     assert!(!ok, "{stderr}");
     assert!(stderr.contains("the server's own uid"), "{stderr}");
     assert!(stderr.contains("--kernel-uid"), "{stderr}");
+}
+
+/// A non-root server (uid 1001, allowed to use the engine's socket) used to run kernels as its
+/// own uid; now the kernel stays uid 1000, and the server is refused at start because it cannot
+/// hand session directories to that uid.
+#[tokio::test]
+async fn a_non_root_server_cannot_hand_over_and_is_refused_at_start() {
+    if !engine_answers() {
+        eprintln!("SKIPPED: no Docker engine answers");
+        return;
+    }
+    let docker_gid = std::fs::metadata(docker::DEFAULT_SOCKET)
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m).to_string())
+        .unwrap_or_default();
+    let Some((ok, stderr)) = serve_docker_as(1001, &docker_gid).await else {
+        return;
+    };
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("cannot hand a session directory to the kernel's uid 1000"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Run the server as root"), "{stderr}");
 }
 
 /// At start the Docker backend logs the engine's seccomp/AppArmor/userns state, and warns about

@@ -81,8 +81,14 @@ impl EngineSecurity {
                     let profile = fields.get("profile").copied().unwrap_or("default");
                     // An engine started with `--seccomp-profile=unconfined` lists seccomp with
                     // that profile: no filtering at all.
+                    // A custom profile is named by its path: say only that it is custom.
                     if profile != "unconfined" {
-                        state.seccomp = Some(profile.to_owned());
+                        let shown = if profile.contains('/') {
+                            "custom"
+                        } else {
+                            profile
+                        };
+                        state.seccomp = Some(shown.to_owned());
                     }
                 }
                 "apparmor" => state.apparmor = true,
@@ -223,6 +229,12 @@ mod tests {
 
     #[test]
     fn missing_protections_are_named() {
+        let custom = EngineSecurity::from_info(&info(&["name=seccomp,profile=/etc/x.json"], &[]));
+        assert_eq!(
+            custom.seccomp.as_deref(),
+            Some("custom"),
+            "no host path is shown"
+        );
         let state = EngineSecurity::from_info(&info(&["name=seccomp,profile=unconfined"], &[]));
         let missing = state.missing().join("; ");
         assert!(missing.contains("seccomp"), "{missing}");
