@@ -377,3 +377,48 @@ async fn a_session_runs_under_gvisor_when_registered() {
     })
     .await;
 }
+
+/// `/healthz` (no token) says how isolated kernels are — state names only: the local backend is
+/// not isolated; the Docker backend reports the engine's seccomp/AppArmor/userns state and the
+/// runtime, and no path.
+#[tokio::test]
+async fn healthz_reports_isolation_state_names_only() {
+    let local = common::TestServer::local().await;
+    let body: serde_json::Value = reqwest::get(local.url("/healthz"))
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
+    local.stop().await;
+    assert_eq!(
+        body["isolation"],
+        serde_json::json!({"isolated": false}),
+        "{body}"
+    );
+    if !engine_answers() {
+        eprintln!("SKIPPED (docker part): no Docker engine answers");
+        return;
+    }
+    let sandbox = DockerSandbox::new(DockerConfig {
+        state_dir: common::temp_state_dir(),
+        ..DockerConfig::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let server = common::TestServer::start(Arc::new(sandbox), SessionOptions::default()).await;
+    let body: serde_json::Value = reqwest::get(server.url("/healthz"))
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
+    server.stop().await;
+    let isolation = &body["isolation"];
+    assert_eq!(isolation["isolated"], true, "{body}");
+    for field in ["apparmor", "selinux", "userns", "rootless"] {
+        assert!(isolation[field].is_boolean(), "{field}: {body}");
+    }
+    assert!(isolation["runtime"].is_string(), "{body}");
+    assert!(!isolation.to_string().contains('/'), "no paths: {body}");
+}

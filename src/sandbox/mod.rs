@@ -204,6 +204,13 @@ pub trait Sandbox: Send + Sync + 'static {
         false
     }
 
+    /// How isolated kernels are, for `/healthz`: state names only (no paths, addresses or
+    /// versions), so that an unauthenticated probe learns nothing about the host. Default: not
+    /// isolated.
+    fn isolation(&self) -> serde_json::Value {
+        serde_json::json!({"isolated": false})
+    }
+
     /// Removes whatever this server instance left behind (called at start and at shutdown).
     /// Returns how many kernels were removed.
     async fn cleanup(&self) -> Result<usize, SandboxError> {

@@ -250,6 +250,25 @@ impl Sandbox for DockerSandbox {
         self.shared.config.packages.allow
     }
 
+    /// Containers, plus the engine's security state at start and the runtime in use.
+    fn isolation(&self) -> serde_json::Value {
+        let security = &self.shared.security;
+        serde_json::json!({
+            "isolated": true,
+            "runtime": self
+                .shared
+                .config
+                .runtime
+                .as_deref()
+                .or(security.default_runtime.as_deref()),
+            "seccomp": security.seccomp,
+            "apparmor": security.apparmor,
+            "selinux": security.selinux,
+            "userns": security.userns,
+            "rootless": security.rootless,
+        })
+    }
+
     /// Ready when the engine answers a ping within [`READY_TIMEOUT`].
     async fn ready(&self) -> Result<(), SandboxError> {
         match tokio::time::timeout(READY_TIMEOUT, self.shared.docker.ping()).await {
