@@ -71,7 +71,7 @@ pub(crate) struct Actor {
     input_parent: Option<Header>,
     interrupt_deadline: Option<Instant>,
     /// Client-built messages waiting for the kernel to be ready.
-    forwards: VecDeque<(Channel, Message, Arc<str>)>,
+    forwards: VecDeque<(Channel, Message, Arc<str>, Queued)>,
     /// Completion/inspection queries waiting for the kernel to be ready.
     pending_queries: VecDeque<(&'static str, Value, CodeQuery)>,
     /// The kernel's files hook, for `done.files` (when the kernel's working dir is known).
@@ -379,11 +379,7 @@ impl Actor {
                 msg,
                 origin,
                 queued,
-            } => {
-                self.forward(channel, *msg, origin).await;
-                // Forwarded (or refused): its bytes go back to the session's budget.
-                drop(queued);
-            }
+            } => self.forward(channel, *msg, origin, queued).await,
             Command::Install {
                 id,
                 packages,
@@ -526,8 +522,8 @@ impl Actor {
 
     /// Sends the messages that waited for the kernel (or rejects them if it did not come up).
     async fn flush_forwards(&mut self) {
-        for (channel, msg, origin) in std::mem::take(&mut self.forwards) {
-            self.forward(channel, msg, origin).await;
+        for (channel, msg, origin, queued) in std::mem::take(&mut self.forwards) {
+            self.forward(channel, msg, origin, queued).await;
         }
         for (msg_type, content, query) in std::mem::take(&mut self.pending_queries) {
             self.query(msg_type, content, query).await;
@@ -536,8 +532,10 @@ impl Actor {
 
     /// Sends a client-built message as it is (only signed); answers are tagged with `origin`.
     /// While the kernel is starting or restarting, messages wait (bounded) and go once it is
-    /// ready, as a Jupyter client expects of a kernel it just started.
-    async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>) {
+    /// ready, as a Jupyter client expects of a kernel it just started. `queued` (the message's
+    /// bytes in the session's budget) is held while it waits and given back once it is sent or
+    /// refused.
+    async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>, queued: Queued) {
         if channel == Channel::Shell
             && let Err(e) = self.refresh_imports().await
         {
@@ -546,7 +544,7 @@ impl Actor {
         let Some(client) = &self.client else {
             let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
             if waiting && self.forwards.len() < self.opts.max_queue {
-                self.forwards.push_back((channel, msg, origin));
+                self.forwards.push_back((channel, msg, origin, queued));
                 return;
             }
             let state = self.state.as_str();
@@ -832,7 +830,7 @@ impl Actor {
         // The death first, then the cells it aborted: clients learn the cause before the effect.
         self.set_state(KernelState::Dead, Some(reason.to_string()));
         self.abort_all("aborted");
-        for (_, msg, origin) in std::mem::take(&mut self.forwards) {
+        for (_, msg, origin, _) in std::mem::take(&mut self.forwards) {
             let what = format!("the kernel died: {} was not sent", msg.msg_type());
             self.reject(Some(origin), what);
         }

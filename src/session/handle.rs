@@ -117,7 +117,8 @@ pub(crate) enum Command {
         channel: Channel,
         msg: Box<Message>,
         origin: Arc<str>,
-        /// The queue bytes the message holds until the actor takes it.
+        /// The queue bytes the message holds until it is sent to the kernel (it may wait in
+        /// the actor while the kernel starts).
         queued: Queued,
     },
     Install {

@@ -684,8 +684,8 @@ fn kernel_body(
 /// The lock-down every container that runs user code or the kernel image gets (kernel,
 /// package installer): all capabilities dropped, no new privileges, read-only root, a small
 /// `/tmp` tmpfs, the memory (no swap), CPU and process limits, small logs, the operator's OCI
-/// runtime (`--runtime`). One place, so the
-/// settings SECURITY.md lists cannot drift apart between containers.
+/// runtime (`--runtime`). One place, so the settings SECURITY.md lists cannot drift apart
+/// between containers.
 pub(super) fn hardened_host_config(
     config: &super::DockerConfig,
     network: String,
