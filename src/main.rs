@@ -166,8 +166,8 @@ struct ServeArgs {
     #[arg(long, env = "KERNELBOX_MAX_CELL_OUTPUT_MB", default_value_t = 64)]
     max_cell_output_mb: usize,
     /// Bytes (MiB) of code and forwarded Jupyter messages each session may hold queued (a cell
-    /// counts until it is sent to the kernel); beyond it new cells are refused (`429` / an
-    /// error event) until queued ones run.
+    /// counts until it is sent to the kernel); beyond it new cells are refused (a `Rejected`
+    /// error event; a Jupyter client gets an error reply) until queued ones run.
     #[arg(long, env = "KERNELBOX_MAX_QUEUED_MB", default_value_t = 64)]
     max_queued_mb: usize,
     /// Close sessions idle this many seconds (0: never). Busy sessions are never culled.
