@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kernelbox::api::{self, ApiToken, AppState, KernelSpecs, Token, Tokens};
-use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox};
+use kernelbox::sandbox::docker::{self, DockerConfig, DockerSandbox, EngineLocation};
 use kernelbox::sandbox::local::{LocalSandbox, venv};
 use kernelbox::sandbox::{PackagePolicy, Sandbox, SandboxError};
 use kernelbox::session::{ReplayLimits, SessionManager, SessionOptions, SessionStore};
@@ -61,9 +61,12 @@ enum ImageCommand {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Backend {
-    /// Docker when an engine answers, else local.
+    /// Docker when an engine is configured (`--docker-host`, `DOCKER_HOST` or a socket at
+    /// `--docker-socket`), refusing to start if it does not answer; local (NOT isolated, with a
+    /// warning) only where no engine is installed at all.
     Auto,
-    /// Plain local processes (no isolation; for development).
+    /// Plain local processes running as the server's own user: no isolation at all (for
+    /// development on one's own machine).
     Local,
     /// A hardened container per session.
     Docker,
@@ -98,6 +101,24 @@ struct ServeArgs {
     /// Where kernels run.
     #[arg(long, env = "KERNELBOX_BACKEND", value_enum, default_value = "auto")]
     backend: Backend,
+    /// Docker engine address (`unix:///…`, `tcp://…`); default `DOCKER_HOST`, else the socket
+    /// at --docker-socket.
+    #[arg(long, env = "KERNELBOX_DOCKER_HOST")]
+    docker_host: Option<String>,
+    /// The local Docker engine's socket, used when no engine address is set. With
+    /// `--backend auto`, its absence (and no address) is what means "no engine installed".
+    #[arg(long, env = "KERNELBOX_DOCKER_SOCKET", default_value = docker::DEFAULT_SOCKET)]
+    docker_socket: PathBuf,
+    /// OCI runtime for kernel, keeper and installer containers (e.g. gVisor's `runsc`); the
+    /// engine must know it (`docker info` → Runtimes). Default: the engine's default.
+    #[arg(long, env = "KERNELBOX_RUNTIME")]
+    runtime: Option<String>,
+    /// The uid kernel containers run as; refused if it is 0 or the server's own uid.
+    #[arg(long, env = "KERNELBOX_KERNEL_UID", default_value_t = docker::DEFAULT_KERNEL_UID)]
+    kernel_uid: u32,
+    /// The gid kernel containers run as; refused if it is 0.
+    #[arg(long, env = "KERNELBOX_KERNEL_GID", default_value_t = docker::DEFAULT_KERNEL_UID)]
+    kernel_gid: u32,
     /// Python with ipykernel for the local backend (default: the venv `kernelbox setup` makes).
     #[arg(long, env = "KERNELBOX_PYTHON")]
     python: Option<PathBuf>,
@@ -149,6 +170,11 @@ struct ServeArgs {
     #[arg(long, env = "KERNELBOX_MAX_KERNEL_MESSAGE_MB", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     max_kernel_message_mb: u32,
+    /// Bytes (MiB) of code and forwarded Jupyter messages each session may hold queued (a cell
+    /// counts until it is sent to the kernel); beyond it new cells are refused (a `Rejected`
+    /// error event; a Jupyter client gets an error reply) until queued ones run.
+    #[arg(long, env = "KERNELBOX_MAX_QUEUED_MB", default_value_t = 64)]
+    max_queued_mb: usize,
     /// Close sessions idle this many seconds (0: never). Busy sessions are never culled.
     #[arg(long, env = "KERNELBOX_CULL_IDLE_S", default_value_t = 3600)]
     cull_idle_s: u64,
@@ -290,7 +316,26 @@ fn docker_config(args: &ServeArgs) -> DockerConfig {
     config.pids_limit = args.pids_limit;
     config.allow_network_requests = args.allow_network;
     config.packages = package_policy(args);
+    config.docker_host.clone_from(&args.docker_host);
+    config.socket.clone_from(&args.docker_socket);
+    config.runtime.clone_from(&args.runtime);
+    config.uid = args.kernel_uid;
+    config.gid = args.kernel_gid;
     config
+}
+
+/// Says, on stderr and in the log, that kernels will run unisolated (the local backend), and
+/// why the server chose it.
+fn warn_unisolated(why: &str) {
+    tracing::warn!(
+        why,
+        "kernels are NOT isolated: the local backend runs them as plain processes with the \
+         server's own user, files and network"
+    );
+    eprintln!(
+        "kernelbox: WARNING: kernels are NOT isolated ({why}): they run as plain local processes \
+         with this server's own user, files and network. Use --backend docker for isolation."
+    );
 }
 
 fn package_policy(args: &ServeArgs) -> PackagePolicy {
@@ -318,29 +363,35 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         ));
     }
     let sandbox: Arc<dyn Sandbox> = match args.backend {
-        Backend::Local => local_sandbox(args.python.clone(), package_policy(&args)).await?,
+        Backend::Local => {
+            warn_unisolated("--backend local");
+            local_sandbox(args.python.clone(), package_policy(&args)).await?
+        }
         Backend::Docker => Arc::new(
             DockerSandbox::new(docker_config(&args))
                 .await
                 .map_err(|e| e.to_string())?,
         ),
-        Backend::Auto => match DockerSandbox::new(docker_config(&args)).await {
-            Ok(sandbox) => Arc::new(sandbox),
-            // The engine answers but something else is wrong (e.g. no image): say so rather
-            // than silently running user code unisolated.
-            Err(SandboxError::Unavailable { what, reason, hint })
-                if what.starts_with("kernel image") =>
-            {
-                return Err(format!(
-                    "{what} is unavailable: {reason}. {hint}. (Or run with --backend local \
-                     for unisolated development kernels.)"
-                ));
+        Backend::Auto => {
+            let config = docker_config(&args);
+            match EngineLocation::of(&config) {
+                EngineLocation::NotInstalled => {
+                    warn_unisolated(&format!(
+                        "--backend auto: no Docker engine installed (no DOCKER_HOST, no socket \
+                         at {})",
+                        config.socket.display()
+                    ));
+                    local_sandbox(args.python.clone(), package_policy(&args)).await?
+                }
+                // A configured engine that does not answer (or lacks the image) is a fault to
+                // fix, never a reason to run user code unisolated.
+                EngineLocation::Configured(place) => Arc::new(
+                    DockerSandbox::new(config)
+                        .await
+                        .map_err(|e| auto_refusal(&place, &e))?,
+                ),
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "no Docker engine: using the local backend (kernels are NOT isolated)");
-                local_sandbox(args.python.clone(), package_policy(&args)).await?
-            }
-        },
+        }
     };
     let store = session_store(&args, sandbox.as_ref())?;
     let kernelspecs = match &args.kernelspecs {
@@ -361,6 +412,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         )?
         .unwrap_or_default(),
         max_cell_output_bytes: args.max_cell_output_mb.saturating_mul(1 << 20),
+        max_queued_bytes: args.max_queued_mb.saturating_mul(1 << 20),
         cull_idle: (args.cull_idle_s > 0).then(|| Duration::from_secs(args.cull_idle_s)),
         cull_connected: args.cull_connected,
         client: kernelbox::kernel::ClientOptions {
@@ -420,6 +472,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         sessions.shutdown().await;
     }
     result.map_err(|e| format!("server failed: {e}"))
+}
+
+/// Why `--backend auto` will not start when the engine it found configured at `place` failed.
+fn auto_refusal(place: &str, err: &SandboxError) -> String {
+    format!(
+        "{err}\n--backend auto found a Docker engine configured ({place}) but cannot use it, and \
+         will not fall back to kernels that are NOT isolated. Fix the engine (or the setting \
+         that points at it), or run with --backend local to accept unisolated kernels."
+    )
 }
 
 /// The session store for the Docker backend unless `--ephemeral`; none for the local backend,

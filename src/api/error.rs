@@ -57,7 +57,9 @@ impl From<SessionError> for AppError {
         let status = match &e {
             SessionError::NotFound(_) => StatusCode::NOT_FOUND,
             SessionError::Closed(_) => StatusCode::GONE,
-            SessionError::Overloaded(_) | SessionError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
+            SessionError::Overloaded(_)
+            | SessionError::QueueFull { .. }
+            | SessionError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             SessionError::Sandbox(SandboxError::Policy(_)) => StatusCode::FORBIDDEN,
             SessionError::Sandbox(_) | SessionError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             SessionError::Files(files) => match files {

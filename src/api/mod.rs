@@ -162,6 +162,7 @@ async fn healthz(
     axum::Json(serde_json::json!({
         "status": "ok",
         "backend": state.sessions.backend(),
+        "isolation": state.sessions.isolation(),
         "sessions": state.sessions.list().len(),
     }))
 }

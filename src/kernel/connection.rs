@@ -24,7 +24,11 @@ pub enum Transport {
 }
 
 /// A Jupyter connection file: where each of the five channels lives and the signing key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its `Debug` shows everything but the key (`key: "<redacted>"`), so that a connection (or
+/// anything holding one, like a [`PersistedKernel`](crate::sandbox::PersistedKernel)) can be
+/// logged without handing out what lets anyone sign messages the kernel runs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
     /// tcp or ipc.
     pub transport: Transport,
@@ -47,6 +51,27 @@ pub struct ConnectionInfo {
     /// Informational kernel name.
     #[serde(default)]
     pub kernel_name: String,
+}
+
+/// What the redacting `Debug` shows instead of a key (an empty key is shown as empty: it signs
+/// nothing).
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for ConnectionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionInfo")
+            .field("transport", &self.transport)
+            .field("ip", &self.ip)
+            .field("shell_port", &self.shell_port)
+            .field("iopub_port", &self.iopub_port)
+            .field("stdin_port", &self.stdin_port)
+            .field("control_port", &self.control_port)
+            .field("hb_port", &self.hb_port)
+            .field("key", &if self.key.is_empty() { "" } else { REDACTED })
+            .field("signature_scheme", &self.signature_scheme)
+            .field("kernel_name", &self.kernel_name)
+            .finish()
+    }
 }
 
 impl ConnectionInfo {
@@ -94,5 +119,20 @@ impl ConnectionInfo {
     /// A fresh random key: 32 random bytes, hex encoded (64 ASCII characters).
     pub fn random_key() -> String {
         hex::encode(rand::random::<[u8; 32]>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let key = ConnectionInfo::random_key();
+        let info = ConnectionInfo::ipc(Path::new("/tmp/k"), key.clone());
+        let shown = format!("{info:?} {info:#?}");
+        assert!(!shown.contains(&key), "{shown}");
+        assert!(shown.contains(REDACTED), "{shown}");
+        assert!(shown.contains("/tmp/k"), "the rest is still shown: {shown}");
     }
 }

@@ -133,8 +133,9 @@ pub struct LaunchSpec {
 
 /// What a server process must remember of a running kernel so that the next server process can
 /// take it over ([`Sandbox::adopt`]) after a restart: the session layer stores it as it is.
-/// Contains the kernel's signing key: store it where only the server can read it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Contains the kernel's signing key: store it where only the server can read it. Its `Debug`
+/// redacts the key, in the connection and wherever the backend's details repeat it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct PersistedKernel {
     /// The backend that launched the kernel ([`Sandbox::name`]); only that backend adopts it.
     pub backend: String,
@@ -145,6 +146,25 @@ pub struct PersistedKernel {
     /// What else the backend needs (container ids, volume, how to recreate the container),
     /// opaque to every other layer.
     pub details: serde_json::Value,
+}
+
+impl fmt::Debug for PersistedKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The details hold the connection file (ipc) or the kernel's command line (tcp), both
+        // with the key in them.
+        let details = self.details.to_string();
+        let details = if self.connection.key.is_empty() {
+            details
+        } else {
+            details.replace(&self.connection.key, "<redacted>")
+        };
+        f.debug_struct("PersistedKernel")
+            .field("backend", &self.backend)
+            .field("session_id", &self.session_id)
+            .field("connection", &self.connection)
+            .field("details", &details)
+            .finish()
+    }
 }
 
 /// A backend that can start kernels.
@@ -182,6 +202,13 @@ pub trait Sandbox: Send + Sync + 'static {
     /// Whether the operator lets sessions install packages (see [`PackagePolicy`]).
     fn installs_packages(&self) -> bool {
         false
+    }
+
+    /// How isolated kernels are, for `/healthz`: state names only (no paths, addresses or
+    /// versions), so that an unauthenticated probe learns nothing about the host. Default: not
+    /// isolated.
+    fn isolation(&self) -> serde_json::Value {
+        serde_json::json!({"isolated": false})
     }
 
     /// Removes whatever this server instance left behind (called at start and at shutdown).

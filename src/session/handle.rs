@@ -1,6 +1,7 @@
 //! The handle the API holds on a session: it queues commands for the session's actor and lets
 //! clients subscribe to its events. Cheap to share; never touches the kernel itself.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,10 +45,67 @@ pub struct CodeQuery {
     pub detail_level: u8,
 }
 
+/// A session's budget of bytes held in queued cells and forwarded messages, so that a client
+/// cannot make the server hold its command queue's 1,000+ slots × 16 MiB (a WebSocket message's
+/// limit) of code. Shared by the session's handle (which reserves) and its actor (whose
+/// [`Queued`] reservations give the bytes back).
+#[derive(Debug)]
+pub(crate) struct QueueBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl QueueBudget {
+    /// A budget of `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Reserves `bytes`, or says how many are held already. A command alone in the queue is
+    /// always admitted, so one cell larger than the budget still runs.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Result<Queued, usize> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used == 0 || used.saturating_add(bytes) <= self.limit)
+                    .then(|| used.saturating_add(bytes))
+            })
+            .map(|_| Queued {
+                budget: Some(self.clone()),
+                bytes,
+            })
+    }
+}
+
+/// Bytes of a [`QueueBudget`] held by one queued command; given back when dropped (the cell was
+/// sent to the kernel, refused or aborted; the message was forwarded or dropped).
+#[derive(Debug, Default)]
+pub(crate) struct Queued {
+    budget: Option<Arc<QueueBudget>>,
+    bytes: usize,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget.take() {
+            budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
+    }
+}
+
 /// What the actor is asked to do.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Execute(ExecuteRequest),
+    /// A cell, with the queue bytes it holds until it is sent to the kernel.
+    Execute(ExecuteRequest, Queued),
     Interrupt,
     Restart,
     InputReply(String),
@@ -59,6 +117,9 @@ pub(crate) enum Command {
         channel: Channel,
         msg: Box<Message>,
         origin: Arc<str>,
+        /// The queue bytes the message holds until it is sent to the kernel (it may wait in
+        /// the actor while the kernel starts).
+        queued: Queued,
     },
     Install {
         id: Arc<str>,
@@ -79,6 +140,22 @@ pub enum SessionError {
     /// Too many commands are waiting.
     #[error("session {0} is overloaded: too many pending requests")]
     Overloaded(String),
+    /// The cells and messages waiting hold the session's whole byte budget (`--max-queued-mb`).
+    #[error(
+        "session {id} is overloaded: queued cells and messages hold {queued} bytes, and this one \
+         ({bytes} bytes) would exceed the session's budget of {limit} bytes; wait for queued \
+         cells to run"
+    )]
+    QueueFull {
+        /// The session.
+        id: String,
+        /// Bytes held by what is queued.
+        queued: usize,
+        /// Bytes of the refused command.
+        bytes: usize,
+        /// The budget.
+        limit: usize,
+    },
     /// No such session.
     #[error("no session {0}")]
     NotFound(String),
@@ -147,6 +224,8 @@ pub struct Session {
     pub(crate) files: Option<Arc<dyn SessionFiles>>,
     /// Whether the operator lets sessions install packages.
     pub(crate) installs_allowed: bool,
+    /// Bytes the queued cells and forwarded messages may hold.
+    pub(crate) queue_budget: Arc<QueueBudget>,
 }
 
 impl Session {
@@ -221,16 +300,33 @@ impl Session {
         msg: Message,
         origin: Arc<str>,
     ) -> Result<(), SessionError> {
+        let queued = self.reserve(msg.estimated_size())?;
         self.send(Command::Forward {
             channel,
             msg: Box::new(msg),
             origin,
+            queued,
         })
     }
 
     /// Queues a cell; cells run one at a time in the order they were queued.
+    /// Refused ([`SessionError::QueueFull`]) when the cells waiting already hold the
+    /// session's byte budget.
     pub fn execute(&self, request: ExecuteRequest) -> Result<(), SessionError> {
-        self.send(Command::Execute(request))
+        let queued = self.reserve(request.code.len())?;
+        self.send(Command::Execute(request, queued))
+    }
+
+    /// Reserves `bytes` of the session's queue budget for one command.
+    fn reserve(&self, bytes: usize) -> Result<Queued, SessionError> {
+        self.queue_budget
+            .reserve(bytes)
+            .map_err(|queued| SessionError::QueueFull {
+                id: self.id.to_string(),
+                queued,
+                bytes,
+                limit: self.queue_budget.limit,
+            })
     }
 
     /// Interrupts the running cell (control channel, SIGINT as fallback).
@@ -355,5 +451,29 @@ impl Session {
             mpsc::error::TrySendError::Full(_) => SessionError::Overloaded(self.id.to_string()),
             mpsc::error::TrySendError::Closed(_) => SessionError::Closed(self.id.to_string()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_admits_up_to_its_limit_and_gets_bytes_back() {
+        let budget = QueueBudget::new(100);
+        let a = budget.reserve(60).expect("fits");
+        assert_eq!(budget.reserve(50).err(), Some(60), "60 + 50 > 100");
+        let b = budget.reserve(40).expect("60 + 40 fits");
+        assert_eq!(budget.used(), 100);
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+        let big = budget
+            .reserve(1000)
+            .expect("alone, a command larger than the budget runs");
+        assert!(budget.reserve(1).is_err());
+        drop(big);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -236,6 +236,11 @@ impl SessionManager {
         self.sandbox.name()
     }
 
+    /// How isolated the backend's kernels are (state names only), for `/healthz`.
+    pub fn isolation(&self) -> serde_json::Value {
+        self.sandbox.isolation()
+    }
+
     /// Starts a session: launches its kernel and its actor. Returns once the sandbox has
     /// started the kernel; cells sent before the kernel is ready wait in the queue.
     pub async fn create(&self, request: CreateSession) -> Result<Arc<Session>, SessionError> {
@@ -361,6 +366,7 @@ impl SessionManager {
             commands: commands_tx,
             fanout: fanout.clone(),
             status: status.clone(),
+            queue_budget: super::handle::QueueBudget::new(self.options.max_queued_bytes),
         });
         let actor = Actor::new(
             id.clone(),

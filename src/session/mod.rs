@@ -61,6 +61,9 @@ pub struct SessionOptions {
     /// Output bytes a cell may produce (stream text, rich data, tracebacks); beyond it, output
     /// is dropped and the client told how much.
     pub max_cell_output_bytes: usize,
+    /// Bytes of code and forwarded Jupyter messages a session may hold queued (cells until they
+    /// are sent to the kernel); beyond it new ones are refused (`SessionError::QueueFull`).
+    pub max_queued_bytes: usize,
 }
 
 impl Default for SessionOptions {
@@ -68,6 +71,7 @@ impl Default for SessionOptions {
         Self {
             client: ClientOptions::default(),
             max_queue: 1000,
+            max_queued_bytes: 64 << 20,
             interrupt_grace: Duration::from_secs(1),
             max_sessions: 256,
             pool_size: 0,

@@ -287,8 +287,24 @@ async fn handle(
             wire::synthetic("shutdown_reply", Some(&msg.header), content),
         ));
     }
+    let header = msg.header.clone();
     if let Err(e) = session.forward(channel, msg, origin.clone()) {
         tracing::warn!(session = session.id(), error = %e, "cannot forward a Jupyter message");
+        // A refused request (queue full, session closed) gets an error reply, so the client
+        // does not wait for one forever.
+        if let Some(base) = msg_type.strip_suffix("_request") {
+            let reply = wire::synthetic(
+                &format!("{base}_reply"),
+                Some(&header),
+                json!({
+                    "status": "error",
+                    "ename": "Rejected",
+                    "evalue": e.to_string(),
+                    "traceback": [],
+                }),
+            );
+            return Some((channel, reply));
+        }
     }
     None
 }

@@ -1,13 +1,18 @@
 //! What an operator can tune about the Docker backend: the image, resource limits, the network
 //! policy, where per-session state lives and how the kernel is reached.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use super::image::default_image_tag;
 use crate::sandbox::packages::PackagePolicy;
 
 const MIB: i64 = 1024 * 1024;
+
+/// Where a local Docker engine's socket is, unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// The uid (and gid) kernels run as by default: the kernel image's `kernel` user.
+pub const DEFAULT_KERNEL_UID: u32 = 1000;
 
 /// Where a kernel's working directory (`/home/kernel/work`, its current directory) lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,8 +52,16 @@ pub struct DockerConfig {
     /// The kernel image. Default: [`default_image_tag`], the tag the embedded build inputs hash
     /// to, built by `kernelbox image build` or `kernel-image/build.sh`.
     pub image: String,
-    /// The engine address (`unix:///…`, `tcp://…`); `None` uses `DOCKER_HOST` or the local socket.
+    /// The engine address (`unix:///…`, `tcp://…`); `None` uses `DOCKER_HOST` or `socket`.
     pub docker_host: Option<String>,
+    /// The local engine's socket, used when neither `docker_host` nor `DOCKER_HOST` is set; its
+    /// absence is what "no engine installed" means to `--backend auto`. Default
+    /// [`DEFAULT_SOCKET`].
+    pub socket: PathBuf,
+    /// The OCI runtime kernel, keeper and installer containers run under (e.g. gVisor's `runsc`),
+    /// which the engine must know (`docker info` → Runtimes). `None`: the engine's default
+    /// (normally `runc`).
+    pub runtime: Option<String>,
     /// Memory limit of a kernel container in bytes; swap is forbidden (memory-swap = memory).
     /// Includes the /tmp tmpfs and a `KeptTmpfs` working dir's contents. Default 1 GiB.
     pub memory_bytes: i64,
@@ -63,10 +76,13 @@ pub struct DockerConfig {
     pub work_dir_size_bytes: i64,
     /// Where the working directory lives. Default [`WorkDirStorage::KeptTmpfs`].
     pub work_dir: WorkDirStorage,
-    /// The uid the kernel runs as (never root). Default 1000 when the server runs as root,
-    /// otherwise the server's own uid (the server must be able to use the kernel's sockets).
+    /// The uid the kernel runs as: never root, never the server's own (a kernel with the
+    /// server's uid could signal, trace or read the server and its files).
+    /// [`DockerSandbox::new`](super::DockerSandbox::new) refuses either. Default
+    /// [`DEFAULT_KERNEL_UID`]. The server must be able to hand it the session directories
+    /// (chown) and still reach the sockets in them, i.e. run as root.
     pub uid: u32,
-    /// The gid the kernel runs as. Default: like `uid`.
+    /// The gid the kernel runs as. Default [`DEFAULT_KERNEL_UID`].
     pub gid: u32,
     /// Whether a session may ask for network access (`LaunchSpec::network`). Default false: such
     /// requests are refused with [`SandboxError::Policy`](crate::sandbox::SandboxError::Policy).
@@ -89,18 +105,19 @@ pub struct DockerConfig {
 
 impl Default for DockerConfig {
     fn default() -> Self {
-        let (uid, gid) = default_ids();
         Self {
             image: default_image_tag(),
             docker_host: None,
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            runtime: None,
             memory_bytes: 1024 * MIB,
             cpus: 1.0,
             pids_limit: 256,
             tmp_size_bytes: 128 * MIB,
             work_dir_size_bytes: 256 * MIB,
             work_dir: WorkDirStorage::default(),
-            uid,
-            gid,
+            uid: DEFAULT_KERNEL_UID,
+            gid: DEFAULT_KERNEL_UID,
             allow_network_requests: false,
             network_mode_when_allowed: "bridge".to_owned(),
             state_dir: default_state_dir(),
@@ -108,15 +125,6 @@ impl Default for DockerConfig {
             transport: KernelTransport::default(),
             packages: PackagePolicy::default(),
         }
-    }
-}
-
-/// 1000:1000 for a root server; otherwise the server's own ids, so it can reach the sockets the
-/// kernel creates.
-fn default_ids() -> (u32, u32) {
-    match std::fs::metadata("/proc/self") {
-        Ok(meta) if meta.uid() != 0 => (meta.uid(), meta.gid()),
-        _ => (1000, 1000),
     }
 }
 

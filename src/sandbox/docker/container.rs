@@ -65,7 +65,7 @@ struct Run {
 
 /// A kernel running in a Docker container: the [`KernelProcess`] of [`DockerSandbox`](super::DockerSandbox).
 /// Removes its container (best effort) if dropped without [`shutdown`](KernelProcess::shutdown).
-#[derive(Debug)]
+/// Its `Debug` leaves out the connection file and the container body, which carry the key.
 pub struct DockerKernel {
     shared: Arc<Shared>,
     session_id: String,
@@ -84,6 +84,17 @@ pub struct DockerKernel {
     installer: Arc<dyn PackageInstaller>,
     state: Arc<watch::Sender<RunState>>,
     run: Mutex<Run>,
+}
+
+impl std::fmt::Debug for DockerKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerKernel")
+            .field("session_id", &self.session_id)
+            .field("connection", &self.connection)
+            .field("keeper_id", &self.keeper_id)
+            .field("volume", &self.volume)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DockerKernel {
@@ -672,8 +683,9 @@ fn kernel_body(
 
 /// The lock-down every container that runs user code or the kernel image gets (kernel,
 /// package installer): all capabilities dropped, no new privileges, read-only root, a small
-/// `/tmp` tmpfs, the memory (no swap), CPU and process limits, small logs. One place, so the
-/// settings SECURITY.md lists cannot drift apart between containers.
+/// `/tmp` tmpfs, the memory (no swap), CPU and process limits, small logs, the operator's OCI
+/// runtime (`--runtime`). One place, so the settings SECURITY.md lists cannot drift apart
+/// between containers.
 pub(super) fn hardened_host_config(
     config: &super::DockerConfig,
     network: String,
@@ -694,6 +706,7 @@ pub(super) fn hardened_host_config(
         nano_cpus: Some((config.cpus * 1e9) as i64),
         pids_limit: Some(config.pids_limit),
         log_config: Some(small_log()),
+        runtime: config.runtime.clone(),
         ..Default::default()
     }
 }
@@ -729,9 +742,12 @@ fn keeper_body(
             memory: Some(KEEPER_MEMORY),
             memory_swap: Some(KEEPER_MEMORY),
             nano_cpus: Some(50_000_000),
-            pids_limit: Some(32),
+            // Under another runtime (gVisor) the sandbox's own threads count too: 32 is too few
+            // for runsc to boot.
+            pids_limit: Some(if config.runtime.is_some() { 128 } else { 32 }),
             init: Some(false),
             log_config: Some(small_log()),
+            runtime: config.runtime.clone(),
             ..Default::default()
         }),
         ..Default::default()

@@ -8,6 +8,7 @@
 
 mod config;
 mod container;
+mod engine;
 mod files;
 mod image;
 mod packages;
@@ -23,8 +24,11 @@ use bollard::query_parameters::{
     ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
 };
 
-pub use config::{DockerConfig, KernelTransport, WorkDirStorage};
+pub use config::{
+    DEFAULT_KERNEL_UID, DEFAULT_SOCKET, DockerConfig, KernelTransport, WorkDirStorage,
+};
 pub use container::DockerKernel;
+pub use engine::{EngineLocation, EngineSecurity, check_kernel_ids};
 pub use image::{IMAGE_REPOSITORY, ImageError, build_image, default_image_tag, image_exists};
 
 use super::{KernelProcess, LaunchSpec, PersistedKernel, Sandbox, SandboxError};
@@ -53,6 +57,7 @@ struct Shared {
     config: DockerConfig,
     instance_id: String,
     state: state::StateDir,
+    security: EngineSecurity,
 }
 
 /// The Docker [`Sandbox`]: starts one hardened kernel container per session on a Docker engine.
@@ -64,9 +69,26 @@ pub struct DockerSandbox {
 impl DockerSandbox {
     /// Connects to the engine and checks that the kernel image is there, so a misconfigured
     /// server fails at start with what to do ([`SandboxError::Unavailable`]) rather than at the
-    /// first session. Creates the state dir and reads (or creates) the instance id.
+    /// first session. Refuses a kernel uid that is root or the server's own, and a `runtime`
+    /// the engine does not know; logs the engine's security state (seccomp, AppArmor/SELinux,
+    /// user namespaces) and warns about what it lacks. Creates the state dir and reads (or
+    /// creates) the instance id.
     pub async fn new(config: DockerConfig) -> Result<Self, SandboxError> {
-        let docker = connect(config.docker_host.as_deref()).await?;
+        check_kernel_ids(config.uid, config.gid, nix::unistd::getuid().as_raw())?;
+        let docker = connect(&config).await?;
+        let security = engine_security(&docker).await?;
+        tracing::info!(engine = %security, "Docker engine security");
+        let missing = security.missing();
+        if !missing.is_empty() {
+            tracing::warn!(
+                missing = %missing.join("; "),
+                "the Docker engine lacks protections: kernels are less isolated than they could be"
+            );
+        }
+        if let Some(runtime) = &config.runtime {
+            security.check_runtime(runtime)?;
+            tracing::info!(runtime, "kernel containers run under this OCI runtime");
+        }
         match image_exists(&docker, &config.image).await {
             Ok(true) => {}
             Ok(false) => {
@@ -94,6 +116,9 @@ impl DockerSandbox {
             }
         }
         let state = state::StateDir::open(&config.state_dir)?;
+        if config.transport == KernelTransport::Ipc {
+            check_handover(&config.state_dir, config.uid, config.gid)?;
+        }
         let instance_id = match &config.instance_id {
             Some(id) => state::validate_instance_id(id)?,
             None => state.instance_id()?,
@@ -104,8 +129,14 @@ impl DockerSandbox {
                 config,
                 instance_id,
                 state,
+                security,
             }),
         })
+    }
+
+    /// The engine's security state as it was at start.
+    pub fn security(&self) -> &EngineSecurity {
+        &self.shared.security
     }
 
     /// This server's instance id (the `kernelbox.instance` label of its containers).
@@ -134,9 +165,9 @@ impl DockerSandbox {
     }
 }
 
-/// Connects to the engine (`host`, else `DOCKER_HOST`, else the local socket), agrees on an API
-/// version and pings it.
-async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
+/// Connects to the engine (`config.docker_host`, else `DOCKER_HOST`, else `config.socket`),
+/// agrees on an API version and pings it.
+async fn connect(config: &DockerConfig) -> Result<Docker, SandboxError> {
     let unavailable = |reason: String| SandboxError::Unavailable {
         what: "the Docker engine".to_owned(),
         reason,
@@ -144,9 +175,14 @@ async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
                use its socket, or use the local backend"
             .to_owned(),
     };
-    let docker = match host {
-        Some(host) => Docker::connect_with_host(host),
-        None => Docker::connect_with_defaults(),
+    let docker = match (&config.docker_host, engine::docker_host_env()) {
+        (Some(host), _) => Docker::connect_with_host(host),
+        (None, Some(_)) => Docker::connect_with_defaults(),
+        (None, None) => Docker::connect_with_socket(
+            &config.socket.to_string_lossy(),
+            120,
+            bollard::API_DEFAULT_VERSION,
+        ),
     }
     .map_err(|err| unavailable(format!("cannot connect: {err}")))?;
     let docker = docker
@@ -160,6 +196,50 @@ async fn connect(host: Option<&str>) -> Result<Docker, SandboxError> {
     Ok(docker)
 }
 
+/// Checks, with a probe directory in the state dir, that the server can hand a directory to the
+/// kernel's uid:gid (0700, as it does each session's ipc dir) and still create files in it (as
+/// it must connect to the kernel's sockets there): that needs root (or CAP_CHOWN and
+/// CAP_DAC_OVERRIDE). Failing here says so at start instead of at the first session.
+fn check_handover(state_dir: &std::path::Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let probe = state_dir.join(format!(
+        ".handover-probe-{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
+    let io = |context: String| move |source| SandboxError::Io { context, source };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&probe)
+        .map_err(io(format!("cannot create {}", probe.display())))?;
+    let result = std::os::unix::fs::chown(&probe, Some(uid), Some(gid))
+        .and_then(|()| std::fs::write(probe.join("socket-probe"), b""));
+    let _ = std::fs::remove_dir_all(&probe);
+    result.map_err(|err| SandboxError::Unavailable {
+        what: "the Docker backend".to_owned(),
+        reason: format!(
+            "the server (uid {}) cannot hand a session directory to the kernel's uid {uid}:{gid} \
+             and still use the kernel's sockets in it: {err}",
+            nix::unistd::getuid()
+        ),
+        hint: "Run the server as root (kernels still run as the unprivileged kernel uid); the \
+               kernel's uid must differ from the server's"
+            .to_owned(),
+    })
+}
+
+/// The engine's security options and runtimes (`docker info`).
+async fn engine_security(docker: &Docker) -> Result<EngineSecurity, SandboxError> {
+    let info = docker
+        .info()
+        .await
+        .map_err(|err| SandboxError::Unavailable {
+            what: "the Docker engine".to_owned(),
+            reason: format!("it does not describe itself (info): {err}"),
+            hint: "Check that the Docker engine is healthy".to_owned(),
+        })?;
+    Ok(EngineSecurity::from_info(&info))
+}
+
 #[async_trait]
 impl Sandbox for DockerSandbox {
     fn name(&self) -> &'static str {
@@ -168,6 +248,25 @@ impl Sandbox for DockerSandbox {
 
     fn installs_packages(&self) -> bool {
         self.shared.config.packages.allow
+    }
+
+    /// Containers, plus the engine's security state at start and the runtime in use.
+    fn isolation(&self) -> serde_json::Value {
+        let security = &self.shared.security;
+        serde_json::json!({
+            "isolated": true,
+            "runtime": self
+                .shared
+                .config
+                .runtime
+                .as_deref()
+                .or(security.default_runtime.as_deref()),
+            "seccomp": security.seccomp,
+            "apparmor": security.apparmor,
+            "selinux": security.selinux,
+            "userns": security.userns,
+            "rootless": security.rootless,
+        })
     }
 
     /// Ready when the engine answers a ping within [`READY_TIMEOUT`].

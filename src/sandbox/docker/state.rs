@@ -187,8 +187,7 @@ impl SessionDirs {
 fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| SandboxError::Io {
         context: format!(
-            "cannot hand {} to the kernel's uid {uid}:{gid} (run the server as root or set the \
-             Docker backend's uid/gid to the server's own)",
+            "cannot hand {} to the kernel's uid {uid}:{gid} (run the server as root)",
             path.display()
         ),
         source,

@@ -14,12 +14,13 @@ impl Actor {
             return Ok(());
         }
         self.refresh_imports().await?;
-        let Some(request) = self.queue.pop_front() else {
+        // `queued` gives the cell's bytes back to the session's budget once it is sent.
+        let Some((request, queued)) = self.queue.pop_front() else {
             return Ok(());
         };
         self.update_status(|s| s.queued = self.queue.len());
         let Some(client) = &self.client else {
-            self.queue.push_front(request);
+            self.queue.push_front((request, queued));
             return Ok(());
         };
         let user_expressions = self
@@ -81,24 +82,26 @@ impl Actor {
 
     /// Sends the messages that waited for the kernel (or rejects them if it did not come up).
     pub(super) async fn flush_forwards(&mut self) {
-        for (channel, msg, origin) in self.take_forwards() {
-            self.forward(channel, msg, origin).await;
+        for (channel, msg, origin, queued) in std::mem::take(&mut self.forwards) {
+            self.forward(channel, msg, origin, queued).await;
         }
         for (msg_type, content, query) in std::mem::take(&mut self.pending_queries) {
             self.query(msg_type, content, query).await;
         }
     }
 
-    /// The client-built messages that waited for the kernel, now to be sent or rejected.
-    pub(super) fn take_forwards(&mut self) -> VecDeque<(Channel, Message, Arc<str>)> {
-        self.forwards_bytes = 0;
-        std::mem::take(&mut self.forwards)
-    }
-
     /// Sends a client-built message as it is (only signed); answers are tagged with `origin`.
     /// While the kernel is starting or restarting, messages wait (bounded) and go once it is
-    /// ready, as a Jupyter client expects of a kernel it just started.
-    pub(super) async fn forward(&mut self, channel: Channel, msg: Message, origin: Arc<str>) {
+    /// ready, as a Jupyter client expects of a kernel it just started. `queued` (the message's
+    /// bytes in the session's budget, `--max-queued-mb`) is held while it waits and given back
+    /// once it is sent or refused.
+    pub(super) async fn forward(
+        &mut self,
+        channel: Channel,
+        msg: Message,
+        origin: Arc<str>,
+        queued: Queued,
+    ) {
         if channel == Channel::Shell
             && let Err(e) = self.refresh_imports().await
         {
@@ -106,20 +109,15 @@ impl Actor {
         }
         let Some(client) = &self.client else {
             let waiting = matches!(self.state, KernelState::Starting | KernelState::Restarting);
-            let size = msg.estimated_size();
-            let room = self.forwards.len() < self.opts.max_queue
-                && self.forwards_bytes.saturating_add(size) <= MAX_WAITING_FORWARD_BYTES;
-            if waiting && room {
-                self.forwards_bytes += size;
-                self.forwards.push_back((channel, msg, origin));
+            if waiting && self.forwards.len() < self.opts.max_queue {
+                self.forwards.push_back((channel, msg, origin, queued));
                 return;
             }
             let state = self.state.as_str();
             let why = if waiting {
                 format!(
-                    "the kernel is {state} and {} messages ({}) wait for it already",
-                    self.forwards.len(),
-                    human_bytes(self.forwards_bytes)
+                    "the kernel is {state} and {} messages wait for it already",
+                    self.forwards.len()
                 )
             } else {
                 format!("the kernel is {state}")
@@ -130,13 +128,15 @@ impl Actor {
             );
             return;
         };
-        match client.send(channel, msg).await {
+        let sent = client.send(channel, msg).await;
+        drop(queued);
+        match sent {
             Ok(msg_id) => self.remember(&msg_id, &origin),
             Err(e) => self.reject(Some(origin), format!("cannot send to the kernel: {e}")),
         }
     }
 
-    pub(super) fn enqueue(&mut self, request: ExecuteRequest) {
+    pub(super) fn enqueue(&mut self, request: ExecuteRequest, queued: Queued) {
         let cell = request.cell.clone();
         match self.state {
             KernelState::Dead | KernelState::Closed => {
@@ -154,7 +154,7 @@ impl Actor {
             return;
         }
         let position = self.queue.len() + usize::from(self.running.is_some());
-        self.queue.push_back(request);
+        self.queue.push_back((request, queued));
         self.update_status(|s| s.queued = self.queue.len());
         self.emit(Some(cell), EventKind::Accepted { position });
     }
@@ -359,7 +359,7 @@ impl Actor {
                 },
             );
         }
-        for request in std::mem::take(&mut self.queue) {
+        for (request, _) in std::mem::take(&mut self.queue) {
             self.emit(
                 Some(request.cell),
                 EventKind::Done {

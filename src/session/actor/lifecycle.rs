@@ -110,7 +110,7 @@ impl Actor {
         // The death first, then the cells it aborted: clients learn the cause before the effect.
         self.set_state(KernelState::Dead, Some(reason));
         self.abort_all("aborted");
-        for (_, msg, origin) in self.take_forwards() {
+        for (_, msg, origin, _) in std::mem::take(&mut self.forwards) {
             let what = format!("the kernel died: {} was not sent", msg.msg_type());
             self.reject(Some(origin), what);
         }

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::changed_files::{ChangedFile, FilesTracker};
 use super::events::{EventKind, InstallEvent, KernelState, SessionEvent};
 use super::fanout::Fanout;
-use super::handle::{CodeQuery, Command, ExecuteRequest, Status};
+use super::handle::{CodeQuery, Command, ExecuteRequest, Queued, Status};
 use super::metrics::{self as m, Death, StartKind};
 use super::{Kernel, SessionOptions};
 use crate::kernel::{Channel, Header, Incoming, KernelClient, KernelError, Message};
@@ -28,10 +28,6 @@ use installs::{InstallUpdate, recv_install};
 
 /// How many recently finished cells keep their routing, for late output from threads.
 const RECENT_CELLS: usize = 64;
-
-/// Bytes of client-built messages (`Session::forward`) that may wait, in all, for a starting
-/// or restarting kernel (besides `max_queue` of them); more are refused, not buffered.
-const MAX_WAITING_FORWARD_BYTES: usize = 64 << 20;
 
 /// The cell the kernel is running now.
 struct Running {
@@ -74,16 +70,14 @@ pub(crate) struct Actor {
     incoming: Option<mpsc::Receiver<Incoming>>,
     connecting: Option<Connecting>,
     watching_exit: bool,
-    queue: VecDeque<ExecuteRequest>,
+    queue: VecDeque<(ExecuteRequest, Queued)>,
     running: Option<Running>,
     queries: HashMap<String, Arc<str>>,
     recent: VecDeque<(String, Arc<str>)>,
     input_parent: Option<Header>,
     interrupt_deadline: Option<Instant>,
     /// Client-built messages waiting for the kernel to be ready.
-    forwards: VecDeque<(Channel, Message, Arc<str>)>,
-    /// Their estimated size in all (`Message::estimated_size`).
-    forwards_bytes: usize,
+    forwards: VecDeque<(Channel, Message, Arc<str>, Queued)>,
     /// Completion/inspection queries waiting for the kernel to be ready.
     pending_queries: VecDeque<(&'static str, Value, CodeQuery)>,
     /// The kernel's files hook, for `done.files` (when the kernel's working dir is known).
@@ -152,7 +146,6 @@ impl Actor {
             input_parent: None,
             interrupt_deadline: None,
             forwards: VecDeque::new(),
-            forwards_bytes: 0,
             pending_queries: VecDeque::new(),
         };
         match kernel.client {
@@ -247,7 +240,7 @@ impl Actor {
     async fn handle(&mut self, command: Command) {
         self.update_status(|s| s.last_activity = Utc::now());
         match command {
-            Command::Execute(request) => self.enqueue(request),
+            Command::Execute(request, queued) => self.enqueue(request, queued),
             Command::Interrupt => self.interrupt().await,
             Command::Restart => self.restart(Death::RestartRequested).await,
             Command::InputReply(value) => self.input_reply(value).await,
@@ -274,7 +267,8 @@ impl Actor {
                 channel,
                 msg,
                 origin,
-            } => self.forward(channel, *msg, origin).await,
+                queued,
+            } => self.forward(channel, *msg, origin, queued).await,
             Command::Install {
                 id,
                 packages,
