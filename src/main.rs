@@ -177,6 +177,13 @@ struct ServeArgs {
     /// beyond.
     #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
     max_upload_mb: u64,
+    /// Most open connections (WebSockets included); more are closed at once.
+    #[arg(long, env = "KERNELBOX_MAX_CONNECTIONS", default_value_t = api::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers (and a kept-alive connection may
+    /// wait for its next request) before the connection is closed.
+    #[arg(long, env = "KERNELBOX_HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
+    header_read_timeout_s: f64,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -402,7 +409,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_allowed_origins(args.allowed_origins.clone())
         .with_kernelspecs(kernelspecs)
         .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20));
-    let result = api::serve(listener, state, shutdown_signal()).await;
+    let limits = api::ConnectionLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: seconds("--header-read-timeout-s", Some(args.header_read_timeout_s))?
+            .unwrap_or(api::DEFAULT_HEADER_READ_TIMEOUT),
+    };
+    if limits.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    let result = api::serve_with(listener, state, limits, shutdown_signal()).await;
     if sessions.persistent() {
         tracing::info!("shutting down: sessions keep running for the next start");
         sessions.detach().await;

@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
+use super::{AppState, OwnedSession};
 use super::error::AppError;
-use crate::session::{FileEntry, FilesError, Session, SessionError, WorkPath};
+use crate::session::{FileEntry, FilesError, SessionError, WorkPath};
 
 /// Default upload limit: 100 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 100 << 20;
@@ -37,24 +37,15 @@ pub struct ListingView {
     pub truncated: bool,
 }
 
-fn session(state: &AppState, id: &str) -> Result<std::sync::Arc<Session>, AppError> {
-    state
-        .sessions
-        .get(id)
-        .ok_or_else(|| AppError::no_session(id))
-}
-
 fn parse(path: &str) -> Result<WorkPath, AppError> {
     WorkPath::parse(path).map_err(|e| AppError::from(SessionError::Files(e)))
 }
 
 /// `GET /v1/sessions/{id}/files[?path=dir]`: the entries of a directory.
 pub async fn list(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
+    session: OwnedSession,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<ListingView>, AppError> {
-    let session = session(&state, &id)?;
     let dir = parse(query.path.as_deref().unwrap_or(""))?;
     let listing = session.list_files(&dir).await?;
     Ok(Json(ListingView {
@@ -66,10 +57,9 @@ pub async fn list(
 
 /// `GET /v1/sessions/{id}/files/{path}`: the file's bytes, streamed.
 pub async fn download(
-    State(state): State<AppState>,
-    Path((id, path)): Path<(String, String)>,
+    session: OwnedSession,
+    Path((_, path)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
-    let session = session(&state, &id)?;
     let path = parse(&path)?;
     let download = session.read_file(&path).await?;
     let name = path
@@ -93,11 +83,11 @@ pub async fn download(
 /// directories) with the request body; `201` with the file's entry.
 pub async fn upload(
     State(state): State<AppState>,
-    Path((id, path)): Path<(String, String)>,
+    session: OwnedSession,
+    Path((_, path)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<FileEntry>), AppError> {
-    let session = session(&state, &id)?;
     let path = parse(&path)?;
     let limit = state.max_upload_bytes;
     let declared = headers
@@ -114,10 +104,9 @@ pub async fn upload(
 
 /// `DELETE /v1/sessions/{id}/files/{path}`: removes the file or directory; `204`.
 pub async fn delete(
-    State(state): State<AppState>,
-    Path((id, path)): Path<(String, String)>,
+    session: OwnedSession,
+    Path((_, path)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
-    let session = session(&state, &id)?;
     let path = parse(&path)?;
     session.delete_file(&path).await?;
     Ok(StatusCode::NO_CONTENT)
