@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{AppState, OwnedSession};
 use super::error::AppError;
+use super::{AppState, OwnedSession};
 use crate::session::{FileEntry, FilesError, SessionError, WorkPath};
 
 /// Default upload limit: 100 MiB.

@@ -10,13 +10,13 @@ pub mod native;
 pub mod origin;
 pub mod outbound;
 pub mod sessions;
-pub mod web;
 mod state;
+pub mod web;
 mod ws_config;
 
 use axum::Router;
-use axum::middleware::from_fn_with_state;
 use axum::http::Method;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{MethodRouter, delete, get, post, put};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,7 +58,12 @@ pub struct Route {
 }
 
 impl Route {
-    pub(crate) fn new(method: Method, path: &'static str, access: Access, handler: MethodRouter<AppState>) -> Self {
+    pub(crate) fn new(
+        method: Method,
+        path: &'static str,
+        access: Access,
+        handler: MethodRouter<AppState>,
+    ) -> Self {
         Self {
             method,
             path,
@@ -83,15 +88,30 @@ pub fn routes() -> Vec<Route> {
         Route::new(Method::GET, "/v1/sessions", Token, get(sessions::list)),
         Route::new(Method::POST, "/v1/sessions", Token, post(sessions::create)),
         Route::new(Method::GET, "/v1/sessions/{id}", Token, get(sessions::get)),
-        Route::new(Method::DELETE, "/v1/sessions/{id}", Token, delete(sessions::delete)),
-        Route::new(Method::GET, "/v1/sessions/{id}/ws", Token, get(native::upgrade)),
+        Route::new(
+            Method::DELETE,
+            "/v1/sessions/{id}",
+            Token,
+            delete(sessions::delete),
+        ),
+        Route::new(
+            Method::GET,
+            "/v1/sessions/{id}/ws",
+            Token,
+            get(native::upgrade),
+        ),
         Route::new(
             Method::POST,
             "/v1/sessions/{id}/packages",
             Token,
             post(sessions::install),
         ),
-        Route::new(Method::GET, "/v1/sessions/{id}/files", Token, get(files::list)),
+        Route::new(
+            Method::GET,
+            "/v1/sessions/{id}/files",
+            Token,
+            get(files::list),
+        ),
         Route::new(
             Method::GET,
             "/v1/sessions/{id}/files/{*path}",
@@ -306,10 +326,7 @@ impl AsyncWrite for Counted {
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }

@@ -284,9 +284,12 @@ mod tests {
         std::thread::spawn(move || {
             let cursors = JupyterCursors::new();
             for i in 0..MAX_JUPYTER_CURSORS + 500 {
-                remember_cursor(&cursors, ("kernel".into(), format!("client-{i}")), 1, |_| {
-                    true
-                });
+                remember_cursor(
+                    &cursors,
+                    ("kernel".into(), format!("client-{i}")),
+                    1,
+                    |_| true,
+                );
             }
             let _ = done_tx.send(cursors.len());
         });

@@ -59,9 +59,21 @@ pub fn routes() -> Vec<Route> {
     };
     vec![
         page("/", "text/html; charset=utf-8", INDEX),
-        page("/static/notebook.js", "text/javascript; charset=utf-8", NOTEBOOK_JS),
-        page("/static/notebook.css", "text/css; charset=utf-8", NOTEBOOK_CSS),
-        page("/static/kernelbox.js", "text/javascript; charset=utf-8", CLIENT_JS),
+        page(
+            "/static/notebook.js",
+            "text/javascript; charset=utf-8",
+            NOTEBOOK_JS,
+        ),
+        page(
+            "/static/notebook.css",
+            "text/css; charset=utf-8",
+            NOTEBOOK_CSS,
+        ),
+        page(
+            "/static/kernelbox.js",
+            "text/javascript; charset=utf-8",
+            CLIENT_JS,
+        ),
         page(
             "/static/output-frame.js",
             "text/javascript; charset=utf-8",

@@ -152,11 +152,7 @@ pub async fn list(
     Extension(principal): Extension<Principal>,
 ) -> Json<Value> {
     Json(Value::Array(
-        state
-            .owned_sessions(&principal)
-            .iter()
-            .map(model)
-            .collect(),
+        state.owned_sessions(&principal).iter().map(model).collect(),
     ))
 }
 

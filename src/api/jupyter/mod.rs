@@ -17,8 +17,18 @@ pub fn routes() -> Vec<Route> {
     use Access::Token;
     vec![
         Route::new(Method::GET, "/api", Token, get(kernels::version)),
-        Route::new(Method::GET, "/api/kernelspecs", Token, get(kernels::kernelspecs)),
-        Route::new(Method::GET, "/api/kernelspecs/{name}", Token, get(kernels::kernelspec)),
+        Route::new(
+            Method::GET,
+            "/api/kernelspecs",
+            Token,
+            get(kernels::kernelspecs),
+        ),
+        Route::new(
+            Method::GET,
+            "/api/kernelspecs/{name}",
+            Token,
+            get(kernels::kernelspec),
+        ),
         Route::new(
             Method::GET,
             "/kernelspecs/{name}/{*file}",
@@ -28,7 +38,12 @@ pub fn routes() -> Vec<Route> {
         Route::new(Method::GET, "/api/kernels", Token, get(kernels::list)),
         Route::new(Method::POST, "/api/kernels", Token, post(kernels::start)),
         Route::new(Method::GET, "/api/kernels/{id}", Token, get(kernels::get)),
-        Route::new(Method::DELETE, "/api/kernels/{id}", Token, delete(kernels::delete)),
+        Route::new(
+            Method::DELETE,
+            "/api/kernels/{id}",
+            Token,
+            delete(kernels::delete),
+        ),
         Route::new(
             Method::POST,
             "/api/kernels/{id}/interrupt",

@@ -8,17 +8,17 @@ pub mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::Query;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render_text};
+use super::OwnedSession;
 use super::metrics::{Front, Relay, frame_len};
 use super::outbound::{Outbound, pump};
-use super::OwnedSession;
 use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError, SessionEvent};
 
 /// Query parameters of the WebSocket URL.
