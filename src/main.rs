@@ -177,6 +177,10 @@ struct ServeArgs {
     /// beyond.
     #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
     max_upload_mb: u64,
+    /// Bytes (MiB) that uploads in progress may hold together, server-wide; an upload that
+    /// does not fit gets `503` until others finish. At least `--max-upload-mb`.
+    #[arg(long, env = "KERNELBOX_MAX_UPLOADS_MB", default_value_t = 1024)]
+    max_uploads_mb: u64,
     /// Most open connections (WebSockets included); more are closed at once.
     #[arg(long, env = "KERNELBOX_MAX_CONNECTIONS", default_value_t = api::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
@@ -408,7 +412,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_tokens(tokens)
         .with_allowed_origins(args.allowed_origins.clone())
         .with_kernelspecs(kernelspecs)
-        .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20));
+        .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20))
+        .with_upload_budget_bytes(args.max_uploads_mb.saturating_mul(1 << 20));
+    if args.max_uploads_mb < args.max_upload_mb {
+        return Err(format!(
+            "--max-uploads-mb ({}) must be at least --max-upload-mb ({}): no upload would fit",
+            args.max_uploads_mb, args.max_upload_mb
+        ));
+    }
     let limits = api::ConnectionLimits {
         max_connections: args.max_connections,
         header_read_timeout: seconds("--header-read-timeout-s", Some(args.header_read_timeout_s))?

@@ -46,6 +46,9 @@ pub struct AppState {
     jupyter_cursors: Arc<JupyterCursors>,
     /// Largest file upload accepted, in bytes (`413` beyond).
     pub max_upload_bytes: u64,
+    /// Bytes that uploads in progress may hold server-wide (in KiB permits; see
+    /// [`files::UploadBudget`]).
+    pub(crate) upload_budget: Arc<files::UploadBudget>,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
             kernelspecs: Arc::new(KernelSpecs::default()),
             jupyter_cursors: Arc::new(DashMap::new()),
             max_upload_bytes: files::DEFAULT_MAX_UPLOAD_BYTES,
+            upload_budget: Arc::new(files::UploadBudget::new(files::DEFAULT_UPLOAD_BUDGET_BYTES)),
         }
     }
 
@@ -77,6 +81,13 @@ impl AppState {
     /// The same state with another upload limit (bytes).
     pub fn with_max_upload_bytes(mut self, bytes: u64) -> Self {
         self.max_upload_bytes = bytes;
+        self
+    }
+
+    /// The same state letting uploads in progress hold at most `bytes` together (`503` for an
+    /// upload that does not fit until others finish).
+    pub fn with_upload_budget_bytes(mut self, bytes: u64) -> Self {
+        self.upload_budget = Arc::new(files::UploadBudget::new(bytes));
         self
     }
 
