@@ -323,6 +323,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             ca.display()
         ));
     }
+    let limits = connection_limits(&args)?;
     let sandbox: Arc<dyn Sandbox> = match args.backend {
         Backend::Local => local_sandbox(args.python.clone(), package_policy(&args)).await?,
         Backend::Docker => Arc::new(
@@ -414,20 +415,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_kernelspecs(kernelspecs)
         .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20))
         .with_upload_budget_bytes(args.max_uploads_mb.saturating_mul(1 << 20));
-    if args.max_uploads_mb < args.max_upload_mb {
-        return Err(format!(
-            "--max-uploads-mb ({}) must be at least --max-upload-mb ({}): no upload would fit",
-            args.max_uploads_mb, args.max_upload_mb
-        ));
-    }
-    let limits = api::ConnectionLimits {
-        max_connections: args.max_connections,
-        header_read_timeout: seconds("--header-read-timeout-s", Some(args.header_read_timeout_s))?
-            .unwrap_or(api::DEFAULT_HEADER_READ_TIMEOUT),
-    };
-    if limits.max_connections == 0 {
-        return Err("--max-connections must be at least 1".into());
-    }
     let result = api::serve_with(listener, state, limits, shutdown_signal()).await;
     if sessions.persistent() {
         tracing::info!("shutting down: sessions keep running for the next start");
@@ -473,6 +460,25 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term.recv() => {},
     }
+}
+
+/// The connection limits the flags ask for, and a check of the upload budget, before anything
+/// starts (a message naming the flag when a value cannot work).
+fn connection_limits(args: &ServeArgs) -> Result<api::ConnectionLimits, String> {
+    if args.max_uploads_mb < args.max_upload_mb {
+        return Err(format!(
+            "--max-uploads-mb ({}) must be at least --max-upload-mb ({}): no upload would fit",
+            args.max_uploads_mb, args.max_upload_mb
+        ));
+    }
+    if args.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    Ok(api::ConnectionLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: seconds("--header-read-timeout-s", Some(args.header_read_timeout_s))?
+            .unwrap_or(api::DEFAULT_HEADER_READ_TIMEOUT),
+    })
 }
 
 /// A positive number of seconds from the command line, or a message naming the flag.

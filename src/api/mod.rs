@@ -58,6 +58,7 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route of the table (only `api` builds them: handlers are its business).
     pub(crate) fn new(
         method: Method,
         path: &'static str,
