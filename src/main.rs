@@ -208,6 +208,17 @@ struct ServeArgs {
     /// beyond.
     #[arg(long, env = "KERNELBOX_MAX_UPLOAD_MB", default_value_t = 100)]
     max_upload_mb: u64,
+    /// Bytes (MiB) that uploads in progress may hold together, server-wide; an upload that
+    /// does not fit gets `503` until others finish. At least `--max-upload-mb`.
+    #[arg(long, env = "KERNELBOX_MAX_UPLOADS_MB", default_value_t = 1024)]
+    max_uploads_mb: u64,
+    /// Most open connections (WebSockets included); more are closed at once.
+    #[arg(long, env = "KERNELBOX_MAX_CONNECTIONS", default_value_t = api::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers (and a kept-alive connection may
+    /// wait for its next request) before the connection is closed.
+    #[arg(long, env = "KERNELBOX_HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
+    header_read_timeout_s: f64,
     /// Print logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -362,6 +373,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             ca.display()
         ));
     }
+    let limits = connection_limits(&args)?;
     let sandbox: Arc<dyn Sandbox> = match args.backend {
         Backend::Local => {
             warn_unisolated("--backend local");
@@ -462,8 +474,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_tokens(tokens)
         .with_allowed_origins(args.allowed_origins.clone())
         .with_kernelspecs(kernelspecs)
-        .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20));
-    let result = api::serve(listener, state, shutdown_signal()).await;
+        .with_max_upload_bytes(args.max_upload_mb.saturating_mul(1 << 20))
+        .with_upload_budget_bytes(args.max_uploads_mb.saturating_mul(1 << 20));
+    let result = api::serve_with(listener, state, limits, shutdown_signal()).await;
     if sessions.persistent() {
         tracing::info!("shutting down: sessions keep running for the next start");
         sessions.detach().await;
@@ -517,6 +530,25 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term.recv() => {},
     }
+}
+
+/// The connection limits the flags ask for, and a check of the upload budget, before anything
+/// starts (a message naming the flag when a value cannot work).
+fn connection_limits(args: &ServeArgs) -> Result<api::ConnectionLimits, String> {
+    if args.max_uploads_mb < args.max_upload_mb {
+        return Err(format!(
+            "--max-uploads-mb ({}) must be at least --max-upload-mb ({}): no upload would fit",
+            args.max_uploads_mb, args.max_upload_mb
+        ));
+    }
+    if args.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    Ok(api::ConnectionLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: seconds("--header-read-timeout-s", Some(args.header_read_timeout_s))?
+            .unwrap_or(api::DEFAULT_HEADER_READ_TIMEOUT),
+    })
 }
 
 /// A positive number of seconds from the command line, or a message naming the flag.

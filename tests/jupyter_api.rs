@@ -180,13 +180,14 @@ async fn every_rest_endpoint_answers_as_kernel_gateway_does() {
         .await
         .expect("get");
     assert_eq!(bearer.status(), 200);
+    // `?token=` is for WebSocket upgrades only (tests/security.rs).
     let query = server
         .http()
         .get(server.url(&format!("/api/kernels?token={}", server.token)))
         .send()
         .await
         .expect("get");
-    assert_eq!(query.status(), 200);
+    assert_eq!(query.status(), 401);
     let none = server
         .http()
         .get(server.url("/api/kernels"))

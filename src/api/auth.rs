@@ -1,5 +1,6 @@
 //! Token authentication: `Authorization: Bearer <token>` (or `token <token>`, as Jupyter
-//! clients send it), or `?token=` for browsers' WebSocket upgrades, which cannot set headers.
+//! clients send it), or `?token=` on WebSocket upgrades only (browsers cannot set headers on
+//! them); a plain request with `?token=` and no header is a `401`.
 //! A server may have several API tokens, each a principal that owns the sessions it creates
 //! (another token sees none of them), with its own session limit and request rate limit.
 //! Tokens are compared in constant time and never logged.
@@ -9,7 +10,7 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, UPGRADE};
 use axum::middleware::Next;
 use axum::response::Response;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -194,7 +195,20 @@ impl Tokens {
     }
 }
 
-/// The token a request carries, from its header or its query string.
+/// Whether the request asks to become a WebSocket (`Upgrade: websocket`): the only requests
+/// whose token may come in the query string, as browsers cannot set headers on them.
+fn is_websocket_upgrade(request: &Request) -> bool {
+    request
+        .headers()
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+}
+
+/// The token a request carries: from its `Authorization` header, or, for WebSocket upgrades
+/// only, from `?token=` (a token in any other URL would end up in logs and browser history).
 pub fn presented(request: &Request) -> Option<String> {
     if let Some(value) = request
         .headers()
@@ -205,6 +219,9 @@ pub fn presented(request: &Request) -> Option<String> {
         if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token") {
             return Some(token.trim().to_owned());
         }
+        return None;
+    }
+    if !is_websocket_upgrade(request) {
         return None;
     }
     let query = request.uri().query()?;
@@ -223,7 +240,13 @@ pub async fn require_token(
 ) -> Result<Response, AppError> {
     let principal = presented(&request)
         .and_then(|token| state.tokens.find(&token).cloned())
-        .ok_or_else(AppError::unauthorized)?;
+        .ok_or_else(|| {
+            if is_websocket_upgrade(&request) {
+                AppError::unauthorized()
+            } else {
+                AppError::unauthorized_http()
+            }
+        })?;
     if !state.tokens.allow(&principal) {
         let rate = state.tokens.rate.map_or(0, NonZeroU32::get);
         return Err(AppError {

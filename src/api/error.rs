@@ -27,6 +27,17 @@ impl AppError {
         }
     }
 
+    /// A 401 for a plain (not WebSocket) request: its token must come in the header, as a
+    /// `?token=` is accepted on WebSocket upgrades only.
+    pub fn unauthorized_http() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "missing or wrong token: send `Authorization: Bearer <token>` \
+                      (`?token=` is accepted on WebSocket upgrades only)"
+                .into(),
+        }
+    }
+
     /// A 404 for an unknown session.
     pub fn no_session(id: &str) -> Self {
         Self {

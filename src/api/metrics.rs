@@ -93,19 +93,20 @@ pub async fn scrape(State(state): State<AppState>) -> Response {
         )
             .into_response();
     };
-    for (kernel_state, n) in state.sessions.count_by_state() {
+    for (kernel_state, n) in state.count_by_state() {
         metrics::gauge!(session_metrics::SESSIONS, "state" => kernel_state.as_str()).set(n as f64);
     }
-    metrics::gauge!(session_metrics::POOL_READY).set(state.sessions.pool_ready() as f64);
-    metrics::gauge!(session_metrics::POOL_TARGET).set(state.sessions.pool_target() as f64);
+    let (pool_ready, pool_target) = state.pool();
+    metrics::gauge!(session_metrics::POOL_READY).set(pool_ready as f64);
+    metrics::gauge!(session_metrics::POOL_TARGET).set(pool_target as f64);
     ([(header::CONTENT_TYPE, TEXT_FORMAT)], handle.render()).into_response()
 }
 
 /// `GET /readyz`: 200 when the sandbox backend answers and the warm pool is filled, else 503
 /// with what is not ready. Says what is wrong, not the backend's error text (that is logged).
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let readiness = state.sessions.readiness().await;
-    let backend = state.sessions.backend();
+    let readiness = state.readiness().await;
+    let backend = state.backend();
     let mut not_ready = Vec::new();
     if readiness.backend.is_err() {
         not_ready.push(format!("the {backend} backend does not answer"));

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header::HOST};
 use serde::{Deserialize, Serialize};
 
 use super::error::AppError;
-use super::{AppState, Principal};
+use super::{AppState, OwnedSession, Principal};
 use crate::session::{CreateSession, KernelState, SessionInfo};
 
 /// Body of `POST /v1/sessions` (all optional).
@@ -51,16 +51,11 @@ pub struct InstallAccepted {
 /// environment; `202` with the install's id. Progress and the outcome come on the session's
 /// WebSocket (`install_started`, `install_output`, `install_done`).
 pub async fn install(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
+    session: OwnedSession,
     body: Bytes,
 ) -> Result<(StatusCode, Json<InstallAccepted>), AppError> {
     let body: InstallBody = serde_json::from_slice(&body)
         .map_err(|e| AppError::bad_request(format!("invalid install request: {e}")))?;
-    let session = state
-        .sessions
-        .get(&id)
-        .ok_or_else(|| AppError::no_session(&id))?;
     let install_id = body
         .id
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
@@ -133,15 +128,15 @@ pub async fn create(
             .map_err(|e| AppError::bad_request(format!("invalid session request: {e}")))?
     };
     let session = state
-        .sessions
-        .create(CreateSession {
-            network: body.network,
-            env: body.env,
-            owner: Some(principal.name.clone()),
-            owner_limit: principal.max_sessions,
-            packages: body.packages,
-            ..CreateSession::default()
-        })
+        .create_session(
+            &principal,
+            CreateSession {
+                network: body.network,
+                env: body.env,
+                packages: body.packages,
+                ..CreateSession::default()
+            },
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -157,37 +152,20 @@ pub async fn list(
 ) -> Json<Vec<SessionView>> {
     Json(
         state
-            .sessions
-            .list()
+            .owned_sessions(&principal)
             .into_iter()
-            .filter(|i| i.owner.as_ref() == Some(&principal.name))
             .map(|i| SessionView::new(i, &headers))
             .collect(),
     )
 }
 
 /// `GET /v1/sessions/{id}`.
-pub async fn get(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<SessionView>, AppError> {
-    let session = state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_session(&id))?;
-    Ok(Json(SessionView::new(session.info(), &headers)))
+pub async fn get(session: OwnedSession, headers: HeaderMap) -> Json<SessionView> {
+    Json(SessionView::new(session.info(), &headers))
 }
 
 /// `DELETE /v1/sessions/{id}`: stops the kernel and removes its sandbox; 204.
-pub async fn delete(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, AppError> {
-    state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_session(&id))?;
-    state.sessions.remove(&id).await?;
+pub async fn delete(session: OwnedSession) -> Result<StatusCode, AppError> {
+    session.close().await?;
     Ok(StatusCode::NO_CONTENT)
 }

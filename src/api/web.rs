@@ -4,14 +4,14 @@
 
 use std::sync::LazyLock;
 
-use axum::Router;
+use axum::http::Method;
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
-use super::AppState;
+use super::{Access, Route};
 
 const INDEX: &str = include_str!("../../web/index.html");
 const NOTEBOOK_JS: &str = include_str!("../../web/notebook.js");
@@ -47,27 +47,37 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
-/// The notebook's routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+/// The notebook's routes (no token: the page asks for it), for [`crate::api::routes`].
+pub fn routes() -> Vec<Route> {
+    let page = |path, content_type, body| {
+        Route::new(
+            Method::GET,
+            path,
+            Access::Public,
+            get(move || async move { asset(content_type, body) }),
         )
-        .route(
+    };
+    vec![
+        page("/", "text/html; charset=utf-8", INDEX),
+        page(
             "/static/notebook.js",
-            get(|| async { asset("text/javascript; charset=utf-8", NOTEBOOK_JS) }),
-        )
-        .route(
+            "text/javascript; charset=utf-8",
+            NOTEBOOK_JS,
+        ),
+        page(
             "/static/notebook.css",
-            get(|| async { asset("text/css; charset=utf-8", NOTEBOOK_CSS) }),
-        )
-        .route(
+            "text/css; charset=utf-8",
+            NOTEBOOK_CSS,
+        ),
+        page(
             "/static/kernelbox.js",
-            get(|| async { asset("text/javascript; charset=utf-8", CLIENT_JS) }),
-        )
-        .route(
+            "text/javascript; charset=utf-8",
+            CLIENT_JS,
+        ),
+        page(
             "/static/output-frame.js",
-            get(|| async { asset("text/javascript; charset=utf-8", OUTPUT_FRAME_JS) }),
-        )
+            "text/javascript; charset=utf-8",
+            OUTPUT_FRAME_JS,
+        ),
+    ]
 }

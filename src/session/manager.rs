@@ -3,7 +3,7 @@
 //! starts, forgotten when it ends, let go of (kernel still running) at a graceful shutdown and
 //! re-adopted by the next server process.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::{DateTime, Utc};
@@ -85,6 +85,41 @@ pub struct SessionManager {
     /// housekeeping, which would otherwise remove the pool's fresh kernels).
     pool: OnceLock<Arc<Pool>>,
     store: Option<Arc<SessionStore>>,
+    /// Slots of sessions being created (see [`SessionManager::reserve`]).
+    reserved: Mutex<Reserved>,
+}
+
+/// Session slots taken by creations still under way, in all and per owner.
+#[derive(Default)]
+struct Reserved {
+    total: usize,
+    by_owner: HashMap<Arc<str>, usize>,
+}
+
+/// One reserved session slot; given back when dropped (the session is then in the map, or its
+/// creation failed).
+struct Slot<'a> {
+    manager: &'a SessionManager,
+    owner: Option<Arc<str>>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self
+            .manager
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reserved.total = reserved.total.saturating_sub(1);
+        if let Some(owner) = &self.owner
+            && let Some(n) = reserved.by_owner.get_mut(owner)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                reserved.by_owner.remove(owner);
+            }
+        }
+    }
 }
 
 impl SessionManager {
@@ -160,6 +195,7 @@ impl SessionManager {
             options,
             pool: OnceLock::new(),
             store,
+            reserved: Mutex::new(Reserved::default()),
         }
     }
 
@@ -244,12 +280,9 @@ impl SessionManager {
     /// Starts a session: launches its kernel and its actor. Returns once the sandbox has
     /// started the kernel; cells sent before the kernel is ready wait in the queue.
     pub async fn create(&self, request: CreateSession) -> Result<Arc<Session>, SessionError> {
-        if self.sessions.len() >= self.options.max_sessions {
-            return Err(SessionError::Limit(format!(
-                "the server runs its maximum of {} sessions; close one first",
-                self.options.max_sessions
-            )));
-        }
+        // Held until the session is in the map (or creation failed): concurrent creates see
+        // each other's slots, so none can pass the limits while another is still launching.
+        let _slot = self.reserve(request.owner.as_ref(), request.owner_limit)?;
         if !request.packages.is_empty() {
             if !self.sandbox.installs_packages() {
                 return Err(crate::sandbox::InstallError::Disabled.into());
@@ -258,18 +291,6 @@ impl SessionManager {
         }
         // Only plain sessions can take a pooled kernel: the pool's kernels have no network and
         // no extra environment.
-        if let (Some(owner), Some(limit)) = (&request.owner, request.owner_limit) {
-            let held = self
-                .sessions
-                .iter()
-                .filter(|s| s.value().owner() == Some(owner))
-                .count();
-            if held >= limit {
-                return Err(SessionError::Limit(format!(
-                    "this token holds its maximum of {limit} sessions; close one first"
-                )));
-            }
-        }
         let kernel_name: Arc<str> = if request.kernel_name.is_empty() {
             DEFAULT_KERNEL_NAME.into()
         } else {
@@ -330,6 +351,47 @@ impl SessionManager {
             return Err(err);
         }
         Ok(session)
+    }
+
+    /// Takes a session slot within the server's and `owner`'s limits, counting live sessions
+    /// and the slots of creations still under way (checked and taken under one lock, so
+    /// concurrent creates cannot all pass a check before any of them is counted).
+    fn reserve(
+        &self,
+        owner: Option<&Arc<str>>,
+        owner_limit: Option<usize>,
+    ) -> Result<Slot<'_>, SessionError> {
+        let mut reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.sessions.len() + reserved.total >= self.options.max_sessions {
+            return Err(SessionError::Limit(format!(
+                "the server runs its maximum of {} sessions; close one first",
+                self.options.max_sessions
+            )));
+        }
+        if let (Some(owner), Some(limit)) = (owner, owner_limit) {
+            let held = self
+                .sessions
+                .iter()
+                .filter(|s| s.value().owner() == Some(owner))
+                .count()
+                + reserved.by_owner.get(owner).copied().unwrap_or(0);
+            if held >= limit {
+                return Err(SessionError::Limit(format!(
+                    "this token holds its maximum of {limit} sessions; close one first"
+                )));
+            }
+        }
+        reserved.total += 1;
+        if let Some(owner) = owner {
+            *reserved.by_owner.entry(owner.clone()).or_insert(0) += 1;
+        }
+        Ok(Slot {
+            manager: self,
+            owner: owner.cloned(),
+        })
     }
 
     fn spawn(

@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 
 use crate::api::outbound::{Outbound, pump};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -26,9 +26,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::wire::{self, ClientFrame, FrameError, V1_PROTOCOL};
-use crate::api::error::AppError;
 use crate::api::metrics::{Front, Relay, frame_len};
-use crate::api::{AppState, Principal};
+use crate::api::{AppState, OwnedSession};
 use crate::session::{Channel, Message};
 use crate::session::{EventKind, KernelState, Session, SessionEvent};
 
@@ -66,20 +65,16 @@ pub struct ChannelsParams {
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    session: OwnedSession,
     Query(params): Query<ChannelsParams>,
-) -> Result<Response, AppError> {
-    let session = state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_kernel(&id))?;
+) -> Response {
     let client = params
         .session_id
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    Ok(crate::api::ws_config::configure(ws)
+    crate::api::ws_config::configure(ws)
         .protocols([V1_PROTOCOL])
-        .on_upgrade(move |socket| connection(socket, state, session, client)))
+        .on_upgrade(move |socket| connection(socket, state, session, client))
 }
 
 /// How this connection frames messages.
@@ -104,7 +99,8 @@ impl Framing {
 }
 
 /// Serves one Jupyter client of `session` until either side closes.
-async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, client: String) {
+async fn connection(socket: WebSocket, state: AppState, owned: OwnedSession, client: String) {
+    let session = owned.session().clone();
     let framing = if socket.protocol().is_some_and(|p| p == V1_PROTOCOL) {
         Framing::V1
     } else {
@@ -114,7 +110,7 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
     let relay = &relay;
     let origin: Arc<str> = format!("jupyter:{client}").into();
     let cursor_key = (session.id().to_owned(), client.clone());
-    let resume_from = state.jupyter_cursors.get(&cursor_key).map(|c| *c);
+    let resume_from = state.jupyter_cursor(&cursor_key);
     let subscription = session.subscribe_from(resume_from);
     let mut events = subscription.live;
     let (mut sink, mut stream) = socket.split();
@@ -181,8 +177,7 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
         .await;
     };
 
-    let reader_state = state.clone();
-    let reader_session = session.clone();
+    let reader_session = owned;
     let reader = async move {
         while let Some(frame) = stream.next().await {
             let decoded = match frame {
@@ -195,7 +190,7 @@ async fn connection(socket: WebSocket, state: AppState, session: Arc<Session>, c
                 Ok(_) => continue,
             };
             let reply = match decoded {
-                Ok(frame) => handle(&reader_state, &reader_session, &reader_origin, frame).await,
+                Ok(frame) => handle(&reader_session, &reader_origin, frame).await,
                 Err(e) => {
                     bad_frame(&reader_session, &e);
                     None
@@ -229,8 +224,7 @@ fn bad_frame(session: &Session, error: &FrameError) {
 
 /// Carries out one client message; returns a reply kernelbox answers itself, if any.
 async fn handle(
-    state: &AppState,
-    session: &Arc<Session>,
+    session: &OwnedSession,
     origin: &Arc<str>,
     frame: ClientFrame,
 ) -> Option<(Channel, Message)> {
@@ -270,11 +264,7 @@ async fn handle(
         let outcome = if restart {
             session.restart().map_err(|e| e.to_string())
         } else {
-            state
-                .sessions
-                .remove(session.id())
-                .await
-                .map_err(|e| e.to_string())
+            session.close().await.map_err(|e| e.to_string())
         };
         let content = match outcome {
             Ok(()) => json!({"status": "ok", "restart": restart}),

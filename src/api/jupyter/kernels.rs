@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::super::error::AppError;
-use super::super::{AppState, Principal};
+use super::super::{AppState, OwnedSession, Principal};
 use crate::session::{CreateSession, EventKind, KernelState, SessionInfo};
 
 /// How long `POST /api/kernels/{id}/restart` waits for the new kernel to be ready.
@@ -133,15 +133,15 @@ pub async fn start(
         })
         .collect();
     let session = state
-        .sessions
-        .create(CreateSession {
-            env,
-            kernel,
-            kernel_name: name,
-            owner: Some(principal.name.clone()),
-            owner_limit: principal.max_sessions,
-            ..CreateSession::default()
-        })
+        .create_session(
+            &principal,
+            CreateSession {
+                env,
+                kernel,
+                kernel_name: name,
+                ..CreateSession::default()
+            },
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(model(&session.info()))))
 }
@@ -152,64 +152,30 @@ pub async fn list(
     Extension(principal): Extension<Principal>,
 ) -> Json<Value> {
     Json(Value::Array(
-        state
-            .sessions
-            .list()
-            .iter()
-            .filter(|i| i.owner.as_ref() == Some(&principal.name))
-            .map(model)
-            .collect(),
+        state.owned_sessions(&principal).iter().map(model).collect(),
     ))
 }
 
 /// `GET /api/kernels/{id}`.
-pub async fn get(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
-    let session = state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_kernel(&id))?;
-    Ok(Json(model(&session.info())))
+pub async fn get(session: OwnedSession) -> Json<Value> {
+    Json(model(&session.info()))
 }
 
 /// `DELETE /api/kernels/{id}` → 204.
-pub async fn delete(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, AppError> {
-    if state.owned_session(&principal, &id).is_none() {
-        return Err(AppError::no_kernel(&id));
-    }
-    state.sessions.remove(&id).await?;
-    state.forget_jupyter_cursors(&id);
+pub async fn delete(session: OwnedSession) -> Result<StatusCode, AppError> {
+    session.close().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /api/kernels/{id}/interrupt` → 204.
-pub async fn interrupt(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, AppError> {
-    let session = state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_kernel(&id))?;
+pub async fn interrupt(session: OwnedSession) -> Result<StatusCode, AppError> {
     session.interrupt()?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /api/kernels/{id}/restart` → 200 + model, once the new kernel is ready (or dead).
-pub async fn restart(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
-    let session = state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_kernel(&id))?;
+pub async fn restart(session: OwnedSession) -> Result<Json<Value>, AppError> {
+    let id = session.id().to_owned();
     let mut events = session.subscribe();
     session.restart()?;
     let settled = async {

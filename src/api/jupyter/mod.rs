@@ -7,27 +7,60 @@ pub mod kernels;
 pub mod kernelspecs;
 pub mod wire;
 
-use axum::Router;
-use axum::routing::{get, post};
+use axum::http::Method;
+use axum::routing::{delete, get, post};
 
-use super::AppState;
+use super::{Access, Route};
 
-/// The Kernel Gateway routes (authentication is applied by the caller).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api", get(kernels::version))
-        .route("/api/kernelspecs", get(kernels::kernelspecs))
-        .route("/api/kernelspecs/{name}", get(kernels::kernelspec))
-        .route(
+/// The Kernel Gateway routes, for [`crate::api::routes`].
+pub fn routes() -> Vec<Route> {
+    use Access::Token;
+    vec![
+        Route::new(Method::GET, "/api", Token, get(kernels::version)),
+        Route::new(
+            Method::GET,
+            "/api/kernelspecs",
+            Token,
+            get(kernels::kernelspecs),
+        ),
+        Route::new(
+            Method::GET,
+            "/api/kernelspecs/{name}",
+            Token,
+            get(kernels::kernelspec),
+        ),
+        Route::new(
+            Method::GET,
             "/kernelspecs/{name}/{*file}",
+            Token,
             get(kernels::kernelspec_resource),
-        )
-        .route("/api/kernels", get(kernels::list).post(kernels::start))
-        .route(
+        ),
+        Route::new(Method::GET, "/api/kernels", Token, get(kernels::list)),
+        Route::new(Method::POST, "/api/kernels", Token, post(kernels::start)),
+        Route::new(Method::GET, "/api/kernels/{id}", Token, get(kernels::get)),
+        Route::new(
+            Method::DELETE,
             "/api/kernels/{id}",
-            get(kernels::get).delete(kernels::delete),
-        )
-        .route("/api/kernels/{id}/interrupt", post(kernels::interrupt))
-        .route("/api/kernels/{id}/restart", post(kernels::restart))
-        .route("/api/kernels/{id}/channels", get(channels::upgrade))
+            Token,
+            delete(kernels::delete),
+        ),
+        Route::new(
+            Method::POST,
+            "/api/kernels/{id}/interrupt",
+            Token,
+            post(kernels::interrupt),
+        ),
+        Route::new(
+            Method::POST,
+            "/api/kernels/{id}/restart",
+            Token,
+            post(kernels::restart),
+        ),
+        Route::new(
+            Method::GET,
+            "/api/kernels/{id}/channels",
+            Token,
+            get(channels::upgrade),
+        ),
+    ]
 }

@@ -8,18 +8,17 @@ pub mod render;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::Query;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use self::protocol::{ClientMessage, ServerEvent, ServerMessage};
 use self::render::{EMPTY_LIST, render_text};
-use super::error::AppError;
+use super::OwnedSession;
 use super::metrics::{Front, Relay, frame_len};
 use super::outbound::{Outbound, pump};
-use super::{AppState, Principal};
 use crate::session::{CodeQuery, ExecuteRequest, Session, SessionError, SessionEvent};
 
 /// Query parameters of the WebSocket URL.
@@ -34,16 +33,12 @@ pub struct ConnectParams {
 /// sessions).
 pub async fn upgrade(
     ws: WebSocketUpgrade,
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    Path(id): Path<String>,
+    session: OwnedSession,
     Query(params): Query<ConnectParams>,
-) -> Result<Response, AppError> {
-    let session = state
-        .owned_session(&principal, &id)
-        .ok_or_else(|| AppError::no_session(&id))?;
-    Ok(crate::api::ws_config::configure(ws)
-        .on_upgrade(move |socket| connection(socket, session, params.since)))
+) -> Response {
+    let session = session.into_session();
+    crate::api::ws_config::configure(ws)
+        .on_upgrade(move |socket| connection(socket, session, params.since))
 }
 
 /// Serves one WebSocket client of `session` until either side closes.
