@@ -36,9 +36,13 @@ use crate::sandbox::{ExitReason, KernelProcess, LaunchSpec, PersistedKernel, San
 pub(super) const ROLE_KERNEL: &str = "kernel";
 /// `kernelbox.role` of working-dir keepers.
 const ROLE_KEEPER: &str = "keeper";
-/// Where the per-session ipc dir is mounted in the container.
-const CONTAINER_IPC_DIR: &str = "/run/kernelbox";
-/// The connection file's name in the ipc dir.
+/// Where the per-session ipc dir (the kernel's, for its sockets) is mounted in the container,
+/// read-write.
+const CONTAINER_IPC_DIR: &str = "/run/kernelbox/ipc";
+/// Where the per-session conf dir (the server's, with the connection file) is mounted in the
+/// container, read-only: the kernel can neither change the file nor plant anything next to it.
+const CONTAINER_CONF_DIR: &str = "/run/kernelbox/conf";
+/// The connection file's name in the conf dir.
 const CONNECTION_FILE: &str = "kernel.json";
 /// The kernel's working directory (the image's WORKDIR).
 pub(super) const CONTAINER_WORK_DIR: &str = "/home/kernel/work";
@@ -175,18 +179,38 @@ pub(super) async fn adopt(
             "its kernel container {container_id} is {status}"
         )));
     }
+    let dirs = shared.state.session(session);
     if kernel.connection.transport == Transport::Ipc {
+        // Launched by a kernelbox that wrote the connection file into the kernel's own socket
+        // dir: restarting it would mean writing where the kernel can plant symlinks.
+        if !has_read_only_conf(&details.body) {
+            return Err(refuse(
+                "it was launched with its connection file in a directory the kernel can write                  (an older kernelbox); start a new session"
+                    .to_owned(),
+            ));
+        }
         // The directory of the kernel's sockets, bind-mounted into the container: without it
         // (state dir wiped, another host) the kernel cannot be reached. The sockets themselves
-        // may not be there yet if the kernel has just been (re)started.
-        let shell = kernel.connection.ipc_path(Channel::Shell);
-        let dir = shell.parent().unwrap_or(std::path::Path::new("/"));
-        if !dir.is_dir() {
+        // may not be there yet if the kernel has just been (re)started; those that are must be
+        // sockets of the kernel's uid, not something it planted in their place.
+        let names: Vec<String> = CHANNELS
+            .iter()
+            .filter_map(|channel| {
+                let path = kernel.connection.ipc_path(*channel);
+                let in_dir = path.parent() == Some(dirs.ipc.as_path());
+                in_dir
+                    .then(|| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .flatten()
+            })
+            .collect();
+        if names.len() != CHANNELS.len() {
             return Err(refuse(format!(
-                "its kernel's socket directory {} is gone from this host",
-                dir.display()
+                "its kernel's sockets are not in its socket directory {}",
+                dirs.ipc.display()
             )));
         }
+        dirs.check_kernel_sockets(&names, shared.config.uid)
+            .map_err(refuse)?;
     }
     if let Some(keeper) = &details.keeper_id {
         // Best effort, as at a restart: a keeper stopped from outside keeps nothing.
@@ -202,7 +226,6 @@ pub(super) async fn adopt(
         exit: None,
     }));
     let watcher = spawn_watcher(docker.clone(), container_id.clone(), 0, state.clone());
-    let dirs = shared.state.session(session);
     let (files, installer) = working_dir_access(
         &shared,
         session,
@@ -228,6 +251,28 @@ pub(super) async fn adopt(
             shut_down: false,
         }),
     })
+}
+
+/// The five channels, for checks over all of a kernel's sockets.
+const CHANNELS: [Channel; 5] = [
+    Channel::Shell,
+    Channel::IoPub,
+    Channel::Stdin,
+    Channel::Control,
+    Channel::Heartbeat,
+];
+
+/// Whether `body` mounts the server's conf dir read-only where the kernel reads its connection
+/// file (every container this version creates does).
+fn has_read_only_conf(body: &ContainerCreateBody) -> bool {
+    body.host_config
+        .as_ref()
+        .and_then(|host| host.mounts.as_ref())
+        .is_some_and(|mounts| {
+            mounts.iter().any(|mount| {
+                mount.target.as_deref() == Some(CONTAINER_CONF_DIR) && mount.read_only == Some(true)
+            })
+        })
 }
 
 /// How the server reaches a session's working dir: its files (through the keeper, or the host
@@ -394,7 +439,14 @@ async fn launch_inner(
             let file = serde_json::to_vec_pretty(&inside).map_err(|err| {
                 SandboxError::Launch(format!("cannot encode connection file: {err}"))
             })?;
-            dirs.write_kernel_file(CONNECTION_FILE, &file, config.uid, config.gid)?;
+            dirs.write_conf_file(CONNECTION_FILE, &file, config.uid, config.gid)?;
+            mounts.push(Mount {
+                target: Some(CONTAINER_CONF_DIR.to_owned()),
+                source: Some(dirs.conf.to_string_lossy().into_owned()),
+                typ: Some(MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            });
             mounts.push(Mount {
                 target: Some(CONTAINER_IPC_DIR.to_owned()),
                 source: Some(dirs.ipc.to_string_lossy().into_owned()),
@@ -403,7 +455,7 @@ async fn launch_inner(
             });
             let mut outside = ConnectionInfo::ipc(&host_prefix, key);
             outside.kernel_name = "python3".to_owned();
-            let path = format!("{CONTAINER_IPC_DIR}/{CONNECTION_FILE}");
+            let path = format!("{CONTAINER_CONF_DIR}/{CONNECTION_FILE}");
             let cmd = if spec.kernel.argv.is_empty() {
                 vec!["-f".to_owned(), path]
             } else {
@@ -1125,10 +1177,11 @@ impl DockerKernel {
     async fn restart_container(&self, run: &mut Run) -> Result<(), SandboxError> {
         let docker = &self.shared.docker;
         if let Some(file) = &self.connection_file {
-            // The kernel may have rewritten or removed it; it must say exactly what we connect to.
+            // The kernel cannot change it (read-only mount of the server's dir); written again
+            // anyway so it says exactly what we connect to, whatever happened on the host.
             let config = &self.shared.config;
             self.dirs
-                .write_kernel_file(CONNECTION_FILE, file, config.uid, config.gid)?;
+                .write_conf_file(CONNECTION_FILE, file, config.uid, config.gid)?;
         }
         if let Some(keeper) = &self.keeper_id {
             // Best effort: a keeper stopped from outside keeps nothing.
