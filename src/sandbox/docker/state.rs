@@ -37,7 +37,9 @@ pub(super) struct StateDir {
 }
 
 impl StateDir {
-    /// Creates the directory (0700) if needed.
+    /// Creates the directory (0700) if needed. It and its `sessions` dir must be the server's
+    /// and writable by nobody else (a state dir in a shared place such as `/tmp` could have been
+    /// made first by another host user): every path the server uses below it is trusted.
     pub(super) fn open(root: &Path) -> Result<Self, SandboxError> {
         let root = std::path::absolute(root)
             .map_err(io_error(format!("cannot resolve {}", root.display())))?;
@@ -49,6 +51,24 @@ impl StateDir {
                 "cannot create the state dir {}",
                 root.display()
             )))?;
+        for dir in [root.clone(), root.join("sessions")] {
+            let meta = fs::metadata(&dir)
+                .map_err(io_error(format!("cannot inspect {}", dir.display())))?;
+            if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+                return Err(SandboxError::Unavailable {
+                    what: "the state dir".to_owned(),
+                    reason: format!(
+                        "{} belongs to uid {} with mode {:o}: not the server's alone",
+                        dir.display(),
+                        meta.uid(),
+                        meta.mode() & 0o7777
+                    ),
+                    hint: "Use a state dir that the server's user owns and nobody else can \
+                           write (--state-dir)"
+                        .to_owned(),
+                });
+            }
+        }
         Ok(Self { root })
     }
 
