@@ -356,6 +356,8 @@ fn remove_dir_if_present(path: &Path) -> Result<(), SandboxError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -372,6 +374,76 @@ mod tests {
                 "{id:?} -> {name}"
             );
         }
+    }
+
+    /// A state dir of its own under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn session_dirs() -> (Scratch, SessionDirs) {
+        let root = std::env::temp_dir().join(format!(
+            "kbstate-{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        ));
+        let state = StateDir::open(&root).unwrap();
+        let dirs = state.session("s");
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        dirs.create(&[dirs.ipc.as_path()], uid.as_raw(), gid.as_raw())
+            .unwrap();
+        (Scratch(root), dirs)
+    }
+
+    fn ids() -> (u32, u32) {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    }
+
+    #[test]
+    fn the_connection_file_is_replaced_whole_and_readable_by_its_owner_only() {
+        let (_scratch, dirs) = session_dirs();
+        let (uid, gid) = ids();
+        dirs.write_conf_file("kernel.json", b"first", uid, gid)
+            .unwrap();
+        dirs.write_conf_file("kernel.json", b"second", uid, gid)
+            .unwrap();
+        let path = dirs.conf.join("kernel.json");
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o400);
+        let names: Vec<_> = fs::read_dir(&dirs.conf).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_conf_dir_that_is_a_symlink_or_writable_by_others_is_not_written() {
+        let (_scratch, dirs) = session_dirs();
+        let (uid, gid) = ids();
+        fs::set_permissions(&dirs.conf, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(dirs.write_conf_file("kernel.json", b"x", uid, gid).is_err());
+        fs::remove_dir(&dirs.conf).unwrap();
+        std::os::unix::fs::symlink(&dirs.ipc, &dirs.conf).unwrap();
+        assert!(dirs.write_conf_file("kernel.json", b"x", uid, gid).is_err());
+        assert!(!dirs.ipc.join("kernel.json").exists());
+    }
+
+    #[test]
+    fn only_real_sockets_of_the_kernels_uid_pass_the_adoption_check() {
+        let (_scratch, dirs) = session_dirs();
+        let (uid, _) = ids();
+        let names = vec!["k-1".to_owned(), "k-2".to_owned()];
+        // Not bound yet is fine.
+        dirs.check_kernel_sockets(&names, uid).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(dirs.ipc.join("k-1")).unwrap();
+        dirs.check_kernel_sockets(&names, uid).unwrap();
+        assert!(dirs.check_kernel_sockets(&names, uid + 1).is_err());
+        std::os::unix::fs::symlink("/etc/passwd", dirs.ipc.join("k-2")).unwrap();
+        assert!(dirs.check_kernel_sockets(&names, uid).is_err());
     }
 
     #[test]
