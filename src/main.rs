@@ -201,6 +201,10 @@ struct ServeArgs {
     /// mounted read-only into the installer only.
     #[arg(long, env = "KERNELBOX_PACKAGE_CA_BUNDLE")]
     package_ca_bundle: Option<PathBuf>,
+    /// Let installs build source distributions (their build code runs with the installer's
+    /// network); by default pip installs wheels only (`--only-binary :all:`).
+    #[arg(long, env = "KERNELBOX_ALLOW_SDIST_INSTALLS")]
+    allow_sdist_installs: bool,
     /// The Docker network installer containers join.
     #[arg(long, env = "KERNELBOX_PACKAGE_NETWORK", default_value = "bridge")]
     package_network: String,
@@ -355,6 +359,7 @@ fn package_policy(args: &ServeArgs) -> PackagePolicy {
         index_url: args.package_index_url.clone(),
         ca_bundle: args.package_ca_bundle.clone(),
         network: args.package_network.clone(),
+        allow_sdist: args.allow_sdist_installs,
         ..PackagePolicy::default()
     }
 }

@@ -280,6 +280,52 @@ async fn docker_the_kernel_stays_offline() {
     .await;
 }
 
+/// pip runs with the network, so nothing the session wrote may run in the installer: a `pip/`
+/// package, a `sitecustomize.py` or a `usercustomize.py` in the working dir (pip's old current
+/// directory) would have stood in for pip or run before it, leaving a marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_an_install_runs_no_code_from_the_working_dir() {
+    run_against(docker_server(allowed()).await, async |server| {
+        let (_, mut ws) = server.session().await;
+        let plant = ws
+            .run(
+                r#"
+import os
+marker = "open(os.path.join('/home/kernel/work', 'RAN-' + __name__), 'w')"
+os.makedirs('pip', exist_ok=True)
+for name in ('pip/__init__.py', 'pip/__main__.py', 'sitecustomize.py', 'usercustomize.py'):
+    open(name, 'w').write('import os\n' + marker + '\n')
+print(sorted(os.listdir('.')))
+"#,
+            )
+            .await;
+        assert_eq!(plant.status(), "ok", "{:?}", plant.events);
+        ws.send(json!({"type": "install", "id": "i", "packages": ["six"]}))
+            .await;
+        let events = install_events(&mut ws, "i").await;
+        assert_eq!(
+            events.last().expect("done")["status"],
+            "ok",
+            "{}",
+            output_text(&events)
+        );
+        assert!(
+            output_text(&events).contains("Successfully installed six"),
+            "the real pip ran: {}",
+            output_text(&events)
+        );
+        let cell = ws
+            .run("import glob; print(sorted(glob.glob('/home/kernel/work/RAN-*')))")
+            .await;
+        assert_eq!(
+            cell.stdout(),
+            "[]\n",
+            "the session's code ran in the installer"
+        );
+    })
+    .await;
+}
+
 /// A Jupyter client's kernel gets packages through the same endpoint and imports them over the
 /// Jupyter protocol (the session refreshes the kernel's import caches for it too).
 async fn jupyter_kernels_install_packages(server: &TestServer) {

@@ -524,12 +524,29 @@ async fn connect_one<S: Socket>(
     deadline: Instant,
 ) -> Result<Monitored<S>, KernelError> {
     wait_listening(info, channel, deadline).await;
+    if info.transport == Transport::Ipc {
+        not_planted(&info.ipc_path(channel)).map_err(|e| connect_error(info, channel, e))?;
+    }
     let events = socket.monitor();
     socket
         .connect(&info.endpoint(channel))
         .await
         .map_err(|e| connect_error(info, channel, e.to_string()))?;
     Ok(Monitored { socket, events })
+}
+
+/// A kernel's socket directory is the kernel's: what sits at a socket's path must be a socket
+/// itself (`lstat`), not a symlink, file or fifo planted there to send the server elsewhere on
+/// the host. Not there yet is for the connect to report.
+fn not_planted(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(format!(
+            "{} is not a socket (something else was put in its place)",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Polls the endpoint with plain socket connects until it is listening (or the probe fails for
@@ -539,9 +556,13 @@ async fn wait_listening(info: &ConnectionInfo, channel: Channel, deadline: Insta
     loop {
         let probe = match info.transport {
             Transport::Tcp => probe_zmtp(&info.ip, info.port(channel)).await,
-            Transport::Ipc => tokio::net::UnixStream::connect(info.ipc_path(channel))
-                .await
-                .map(drop),
+            Transport::Ipc => match not_planted(&info.ipc_path(channel)) {
+                // Never connect through what the kernel planted; connect_one reports it.
+                Err(_) => return,
+                Ok(()) => tokio::net::UnixStream::connect(info.ipc_path(channel))
+                    .await
+                    .map(drop),
+            },
         };
         match probe {
             Err(e)

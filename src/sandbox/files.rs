@@ -287,11 +287,12 @@ impl HostFiles {
         Self { root, owner }
     }
 
-    /// The working directory itself (trusted: the server made it).
+    /// The working directory itself (the server made it, in a directory only the server can
+    /// write; `O_NOFOLLOW` all the same).
     fn open_root(&self) -> Result<OwnedFd, FilesError> {
         nix::fcntl::open(
             &self.root,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|err| FilesError::Backend {
@@ -371,6 +372,21 @@ impl HostFiles {
         Ok(current)
     }
 
+    /// Hands a file the server created to the owner, through its descriptor.
+    fn chown_fd(&self, fd: &OwnedFd) {
+        if let Some((uid, gid)) = self.owner
+            && let Err(err) = nix::unistd::fchown(
+                fd,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+        {
+            tracing::debug!(%err, "cannot chown an uploaded file");
+        }
+    }
+
+    /// Hands a directory the server just made to the owner; never through a symlink (the kernel
+    /// may have swapped one in since: then the link itself is chowned, which gives nothing).
     fn chown_at(&self, dir: &OwnedFd, name: &str) {
         if let Some((uid, gid)) = self.owner
             && let Err(err) = nix::unistd::fchownat(
@@ -505,7 +521,8 @@ impl SessionFiles for HostFiles {
                 Mode::from_bits_truncate(0o644),
             )
             .map_err(|e| Self::errno("write", &target, e))?;
-            this.chown_at(&parent_fd, &temp_name);
+            // On the descriptor: the kernel may already have replaced the name.
+            this.chown_fd(&fd);
             Ok((parent_fd, std::fs::File::from(fd)))
         })
         .await?;

@@ -6,6 +6,11 @@
 //! index pip uses, and with which CA bundle. On Docker the install runs in a short-lived
 //! installer container of the kernel image (same hardening, the session's working dir mounted,
 //! network only for it): the kernel itself never gets network access.
+//!
+//! pip runs with the network, so nothing the session wrote may run inside it: the interpreter
+//! is isolated (`python -I`: no current directory, `PYTHONPATH` or user site on `sys.path`), its
+//! current directory is outside the working dir, and only wheels are installed
+//! (`--only-binary :all:`: no package's build code runs) unless the operator allows sdists.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +38,9 @@ pub struct PackagePolicy {
     pub network: String,
     /// How long one install may take before it is stopped. Default 5 minutes.
     pub timeout: Duration,
+    /// Whether pip may build source distributions (running their `setup.py` or build backend,
+    /// with the installer's network). Default false: wheels only.
+    pub allow_sdist: bool,
 }
 
 impl Default for PackagePolicy {
@@ -43,6 +51,7 @@ impl Default for PackagePolicy {
             ca_bundle: None,
             network: "bridge".to_owned(),
             timeout: Duration::from_secs(300),
+            allow_sdist: false,
         }
     }
 }
@@ -116,7 +125,13 @@ pub fn validate(packages: &[String]) -> Result<(), InstallError> {
     Ok(())
 }
 
-/// pip's arguments after `python -m pip` for installing `packages` into `target`.
+/// How pip is started: the isolated interpreter (`-I`: neither the current directory nor
+/// `PYTHON*` variables nor the user site reach `sys.path`, so a `pip/` package the session wrote
+/// cannot stand in for pip), then `-m pip`. [`pip_args`] follow.
+pub(crate) const PIP_PREFIX: [&str; 3] = ["-I", "-m", "pip"];
+
+/// pip's arguments after [`PIP_PREFIX`] for installing `packages` into `target`: wheels only
+/// unless the policy allows sdists.
 pub(crate) fn pip_args(policy: &PackagePolicy, target: &str, packages: &[String]) -> Vec<String> {
     let mut args: Vec<String> = [
         "install",
@@ -132,6 +147,9 @@ pub(crate) fn pip_args(policy: &PackagePolicy, target: &str, packages: &[String]
     .map(|s| (*s).to_owned())
     .collect();
     args.push(target.to_owned());
+    if !policy.allow_sdist {
+        args.push("--only-binary=:all:".to_owned());
+    }
     if let Some(index) = &policy.index_url {
         args.push("--index-url".to_owned());
         args.push(index.clone());
@@ -203,6 +221,19 @@ mod tests {
             assert!(validate(&v(&[bad])).is_err(), "{bad:?} was accepted");
         }
         assert!(validate(&[]).is_err());
+    }
+
+    #[test]
+    fn wheels_only_unless_sdists_are_allowed() {
+        let wheels = pip_args(&PackagePolicy::default(), "/t", &v(&["six"]));
+        assert!(wheels.contains(&"--only-binary=:all:".to_owned()));
+        let sdists = PackagePolicy {
+            allow_sdist: true,
+            ..PackagePolicy::default()
+        };
+        let args = pip_args(&sdists, "/t", &v(&["six"]));
+        assert!(!args.iter().any(|a| a.starts_with("--only-binary")));
+        assert_eq!(&args[args.len() - 2..], ["--", "six"]);
     }
 
     #[test]

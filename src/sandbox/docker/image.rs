@@ -164,7 +164,11 @@ async fn run_build_script(dir: &Path, force: bool) -> Result<String, ImageError>
 
 /// Writes the embedded inputs into `dir` (created) so the script finds its siblings.
 async fn write_inputs(dir: &Path) -> Result<PathBuf, ImageError> {
-    tokio::fs::create_dir_all(dir)
+    // Fresh and private (a random name in the shared temp dir): an existing one, or a symlink
+    // someone planted there, is an error rather than used.
+    tokio::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
         .await
         .map_err(|source| ImageError::Io {
             context: format!("cannot create {}", dir.display()),

@@ -3,6 +3,9 @@
 //! kernel (no capabilities, no privilege gain, read-only root, non-root, memory and pids limits)
 //! except that it joins the policy's network; the kernel container itself stays without network.
 //! The operator's CA bundle, if any, is mounted read-only into the installer only.
+//!
+//! What the session wrote never runs in it: `python -I -m pip` from `/tmp` (the installer's own
+//! tmpfs), wheels only unless the operator allows sdists (see [`crate::sandbox::packages`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use tokio::sync::mpsc;
 use super::container::{CONTAINER_WORK_DIR, hardened_host_config};
 use super::{LABEL_INSTANCE, LABEL_MANAGED, LABEL_ROLE, LABEL_SESSION, Shared, remove_container};
 use crate::sandbox::packages::{
-    InstallError, PACKAGES_DIR, PackageInstaller, lines, pip_args, pip_error,
+    InstallError, PACKAGES_DIR, PIP_PREFIX, PackageInstaller, lines, pip_args, pip_error,
 };
 
 /// `kernelbox.role` of installer containers.
@@ -60,7 +63,7 @@ impl DockerInstaller {
         let config = &self.shared.config;
         let policy = &config.packages;
         let target = format!("{CONTAINER_WORK_DIR}/{PACKAGES_DIR}");
-        let mut args = vec!["-m".to_owned(), "pip".to_owned()];
+        let mut args: Vec<String> = PIP_PREFIX.iter().map(|s| (*s).to_owned()).collect();
         args.extend(pip_args(policy, &target, packages));
         let mut env = vec![
             "HOME=/tmp".to_owned(),
@@ -92,7 +95,8 @@ impl DockerInstaller {
             cmd: Some(args),
             env: Some(env),
             labels: Some(labels),
-            working_dir: Some(CONTAINER_WORK_DIR.to_owned()),
+            // Not the working dir: nothing there may be found as a module or config file.
+            working_dir: Some("/tmp".to_owned()),
             host_config: Some(hardened_host_config(config, policy.network.clone(), mounts)),
             ..Default::default()
         }

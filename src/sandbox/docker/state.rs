@@ -1,10 +1,23 @@
 //! The host side of the backend: the state dir, this server's persistent instance id, and the
-//! per-session directories (ipc sockets + connection file, host working dir).
+//! per-session directories (the server's own `conf` dir with the connection file, the kernel's
+//! `ipc` socket dir, the host working dir).
+//!
+//! The server runs as root on the host and the kernel controls everything in the directories
+//! it can write (`ipc`, `work`): symlinks, hard links, fifos, entries swapped at any moment. So
+//! the server never writes there; what it writes (the connection file) goes to `conf`, which only
+//! the server can write and which the kernel sees through a read-only mount. Files there are
+//! created with `openat(O_CREAT | O_EXCL | O_NOFOLLOW)` from the directory's descriptor,
+//! `fchown`/`fchmod`ed on their own descriptor and renamed within the directory.
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{Mode, fchmod, fstat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
 
 use sha2::{Digest, Sha256};
 
@@ -24,7 +37,9 @@ pub(super) struct StateDir {
 }
 
 impl StateDir {
-    /// Creates the directory (0700) if needed.
+    /// Creates the directory (0700) if needed. It and its `sessions` dir must be the server's
+    /// and writable by nobody else (a state dir in a shared place such as `/tmp` could have been
+    /// made first by another host user): every path the server uses below it is trusted.
     pub(super) fn open(root: &Path) -> Result<Self, SandboxError> {
         let root = std::path::absolute(root)
             .map_err(io_error(format!("cannot resolve {}", root.display())))?;
@@ -36,6 +51,24 @@ impl StateDir {
                 "cannot create the state dir {}",
                 root.display()
             )))?;
+        for dir in [root.clone(), root.join("sessions")] {
+            let meta = fs::metadata(&dir)
+                .map_err(io_error(format!("cannot inspect {}", dir.display())))?;
+            if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+                return Err(SandboxError::Unavailable {
+                    what: "the state dir".to_owned(),
+                    reason: format!(
+                        "{} belongs to uid {} with mode {:o}: not the server's alone",
+                        dir.display(),
+                        meta.uid(),
+                        meta.mode() & 0o7777
+                    ),
+                    hint: "Use a state dir that the server's user owns and nobody else can \
+                           write (--state-dir)"
+                        .to_owned(),
+                });
+            }
+        }
         Ok(Self { root })
     }
 
@@ -68,6 +101,7 @@ impl StateDir {
     pub(super) fn session(&self, session_id: &str) -> SessionDirs {
         let root = self.root.join("sessions").join(dir_name(session_id));
         SessionDirs {
+            conf: root.join("conf"),
             ipc: root.join("ipc"),
             work: root.join("work"),
             root,
@@ -134,48 +168,126 @@ pub(super) fn dir_name(session_id: &str) -> String {
 /// One session's host directories.
 #[derive(Debug, Clone)]
 pub(super) struct SessionDirs {
-    /// `<state>/sessions/<id>`, removed with the session.
+    /// `<state>/sessions/<id>` (0700, the server's), removed with the session.
     pub(super) root: PathBuf,
-    /// Mounted at `/run/kernelbox`: the connection file and the kernel's ipc sockets.
+    /// The server's own (0755, not writable by the kernel's uid), mounted read-only into the
+    /// container: the connection file. Everything the server writes for the kernel goes here.
+    pub(super) conf: PathBuf,
+    /// The kernel's (its uid, 0700), mounted read-write: the kernel binds its ipc sockets here.
+    /// The server only connects to sockets in it and never writes or opens files in it.
     pub(super) ipc: PathBuf,
     /// The host working dir (only with `WorkDirStorage::HostDir`).
     pub(super) work: PathBuf,
 }
 
 impl SessionDirs {
-    /// Creates the session dir (0700, the server's) and `sub` dirs owned by the kernel's uid:gid
-    /// (0700), which must create sockets and files there.
-    pub(super) fn create(&self, subs: &[&Path], uid: u32, gid: u32) -> Result<(), SandboxError> {
+    /// Creates the session dir (0700, the server's), the server's `conf` dir (0755) and the
+    /// `kernel_dirs` owned by the kernel's uid:gid (0700), which must create sockets and files
+    /// there.
+    pub(super) fn create(
+        &self,
+        kernel_dirs: &[&Path],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), SandboxError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.root)
             .map_err(io_error(format!("cannot create {}", self.root.display())))?;
-        for dir in subs {
+        // Not recursive: an existing directory (never the kernel's: the session dir is the
+        // server's alone) is an error rather than adopted.
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&self.conf)
+            .map_err(io_error(format!("cannot create {}", self.conf.display())))?;
+        for dir in kernel_dirs {
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(dir)
                 .map_err(io_error(format!("cannot create {}", dir.display())))?;
-            chown(dir, uid, gid)?;
+            lchown(dir, uid, gid)?;
         }
         Ok(())
     }
 
-    /// Writes `contents` as `name` in the ipc dir, readable and writable by the kernel only.
-    pub(super) fn write_kernel_file(
+    /// Writes `contents` as `name` in the server's `conf` dir, readable by the kernel's uid only
+    /// (0400) and by nobody else: a fresh file (`O_EXCL | O_NOFOLLOW`, random name) created,
+    /// chowned and chmodded through its own descriptor, then renamed into place within the
+    /// directory. The directory must be a real directory, the server's, and writable by nobody
+    /// else, so no path in it can have been planted.
+    pub(super) fn write_conf_file(
         &self,
         name: &str,
         contents: &[u8],
         uid: u32,
         gid: u32,
     ) -> Result<(), SandboxError> {
-        let path = self.ipc.join(name);
-        let tmp = self.ipc.join(format!(".{name}.tmp"));
-        fs::write(&tmp, contents).map_err(io_error(format!("cannot write {}", tmp.display())))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-            .map_err(io_error(format!("cannot chmod {}", tmp.display())))?;
-        chown(&tmp, uid, gid)?;
-        fs::rename(&tmp, &path).map_err(io_error(format!("cannot write {}", path.display())))
+        let dir = open_server_dir(&self.conf)?;
+        let tmp = format!(".{name}.{}.tmp", hex::encode(rand::random::<[u8; 8]>()));
+        let shown = self.conf.join(&tmp);
+        let errno = |what: &str, path: &Path| {
+            let context = format!("cannot {what} {}", path.display());
+            move |err: nix::errno::Errno| SandboxError::Io {
+                context,
+                source: err.into(),
+            }
+        };
+        let fd = openat(
+            &dir,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(errno("create", &shown))?;
+        let written = (|| {
+            let mut file = fs::File::from(fd);
+            file.write_all(contents)
+                .map_err(io_error(format!("cannot write {}", shown.display())))?;
+            fchown(&file, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|err| {
+                SandboxError::Io {
+                    context: chown_context(&shown, uid, gid),
+                    source: err.into(),
+                }
+            })?;
+            fchmod(&file, Mode::from_bits_truncate(0o400)).map_err(errno("chmod", &shown))?;
+            renameat(&dir, tmp.as_str(), &dir, name).map_err(errno("rename", &shown))
+        })();
+        if written.is_err() {
+            let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        written
+    }
+
+    /// Whether the kernel's socket dir is still a real directory owned by the kernel's uid and
+    /// every socket of `names` present in it is a socket (never followed: `lstat`) owned by
+    /// that uid. For adoption: a kernel that swapped its sockets for symlinks or files is not
+    /// taken over.
+    pub(super) fn check_kernel_sockets(&self, names: &[String], uid: u32) -> Result<(), String> {
+        let meta = fs::symlink_metadata(&self.ipc)
+            .map_err(|err| format!("its socket directory {} is gone: {err}", self.ipc.display()))?;
+        if !meta.file_type().is_dir() || meta.uid() != uid {
+            return Err(format!(
+                "{} is not a directory of the kernel's uid {uid}",
+                self.ipc.display()
+            ));
+        }
+        for name in names {
+            let path = self.ipc.join(name);
+            match fs::symlink_metadata(&path) {
+                // Not bound yet (a kernel just restarted): the readiness wait handles it.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(format!("cannot inspect {}: {err}", path.display())),
+                Ok(meta) if meta.file_type().is_socket() && meta.uid() == uid => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "{} is not a socket of the kernel's uid {uid}",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes the session's directories; already gone is fine.
@@ -184,16 +296,55 @@ impl SessionDirs {
     }
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| SandboxError::Io {
-        context: format!(
-            "cannot hand {} to the kernel's uid {uid}:{gid} (run the server as root)",
-            path.display()
-        ),
+/// The error context of a failed chown to the kernel's uid, with what to do about it.
+fn chown_context(path: &Path, uid: u32, gid: u32) -> String {
+    format!(
+        "cannot hand {} to the kernel's uid {uid}:{gid} (run the server as root)",
+        path.display()
+    )
+}
+
+/// Chowns `path` itself, never what it points to.
+fn lchown(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|source| SandboxError::Io {
+        context: chown_context(path, uid, gid),
         source,
     })
 }
 
+/// Opens one of the server's own directories: not through a symlink (`O_NOFOLLOW`), and only
+/// if it belongs to the server and nobody else may write in it.
+fn open_server_dir(path: &Path) -> Result<OwnedFd, SandboxError> {
+    let context = |what: &str| format!("cannot {what} {}", path.display());
+    let dir = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| SandboxError::Io {
+        context: context("open"),
+        source: err.into(),
+    })?;
+    let stat = fstat(&dir).map_err(|err| SandboxError::Io {
+        context: context("inspect"),
+        source: err.into(),
+    })?;
+    if stat.st_uid != nix::unistd::geteuid().as_raw() || stat.st_mode & 0o022 != 0 {
+        return Err(SandboxError::Io {
+            context: context("use"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "it is not the server's own directory (owner or mode changed)",
+            ),
+        });
+    }
+    Ok(dir)
+}
+
+/// Removes a directory tree. std's `remove_dir_all` never follows symlinks (it opens each
+/// directory with `O_NOFOLLOW` from its parent's descriptor and unlinks what is not a directory,
+/// symlinks included), so a kernel that plants symlinks or swaps a directory for one while this
+/// runs can only get its link removed.
 fn remove_dir_if_present(path: &Path) -> Result<(), SandboxError> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
@@ -204,6 +355,8 @@ fn remove_dir_if_present(path: &Path) -> Result<(), SandboxError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -220,6 +373,76 @@ mod tests {
                 "{id:?} -> {name}"
             );
         }
+    }
+
+    /// A state dir of its own under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn session_dirs() -> (Scratch, SessionDirs) {
+        let root = std::env::temp_dir().join(format!(
+            "kbstate-{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        ));
+        let state = StateDir::open(&root).unwrap();
+        let dirs = state.session("s");
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        dirs.create(&[dirs.ipc.as_path()], uid.as_raw(), gid.as_raw())
+            .unwrap();
+        (Scratch(root), dirs)
+    }
+
+    fn ids() -> (u32, u32) {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    }
+
+    #[test]
+    fn the_connection_file_is_replaced_whole_and_readable_by_its_owner_only() {
+        let (_scratch, dirs) = session_dirs();
+        let (uid, gid) = ids();
+        dirs.write_conf_file("kernel.json", b"first", uid, gid)
+            .unwrap();
+        dirs.write_conf_file("kernel.json", b"second", uid, gid)
+            .unwrap();
+        let path = dirs.conf.join("kernel.json");
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o400);
+        let names: Vec<_> = fs::read_dir(&dirs.conf).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_conf_dir_that_is_a_symlink_or_writable_by_others_is_not_written() {
+        let (_scratch, dirs) = session_dirs();
+        let (uid, gid) = ids();
+        fs::set_permissions(&dirs.conf, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(dirs.write_conf_file("kernel.json", b"x", uid, gid).is_err());
+        fs::remove_dir(&dirs.conf).unwrap();
+        std::os::unix::fs::symlink(&dirs.ipc, &dirs.conf).unwrap();
+        assert!(dirs.write_conf_file("kernel.json", b"x", uid, gid).is_err());
+        assert!(!dirs.ipc.join("kernel.json").exists());
+    }
+
+    #[test]
+    fn only_real_sockets_of_the_kernels_uid_pass_the_adoption_check() {
+        let (_scratch, dirs) = session_dirs();
+        let (uid, _) = ids();
+        let names = vec!["k-1".to_owned(), "k-2".to_owned()];
+        // Not bound yet is fine.
+        dirs.check_kernel_sockets(&names, uid).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(dirs.ipc.join("k-1")).unwrap();
+        dirs.check_kernel_sockets(&names, uid).unwrap();
+        assert!(dirs.check_kernel_sockets(&names, uid + 1).is_err());
+        std::os::unix::fs::symlink("/etc/passwd", dirs.ipc.join("k-2")).unwrap();
+        assert!(dirs.check_kernel_sockets(&names, uid).is_err());
     }
 
     #[test]

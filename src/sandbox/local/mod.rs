@@ -16,7 +16,8 @@ use tokio::sync::watch;
 
 use super::files::{HostFiles, SessionFiles};
 use super::packages::{
-    InstallError, PACKAGES_DIR, PackageInstaller, PackagePolicy, lines, pip_args, pip_error,
+    InstallError, PACKAGES_DIR, PIP_PREFIX, PackageInstaller, PackagePolicy, lines, pip_args,
+    pip_error,
 };
 use super::{CONNECTION_FILE_ARG, ExitReason, KernelProcess, LaunchSpec, Sandbox, SandboxError};
 use crate::kernel::ConnectionInfo;
@@ -283,6 +284,7 @@ impl KernelProcess for LocalKernel {
     fn packages(&self) -> Option<std::sync::Arc<dyn PackageInstaller>> {
         Some(std::sync::Arc::new(LocalInstaller {
             python: self.python.clone(),
+            cwd: self.dir.clone(),
             target: self.work.join(PACKAGES_DIR),
             policy: self.packages.clone(),
         }))
@@ -332,6 +334,8 @@ impl Drop for LocalKernel {
 #[derive(Debug)]
 struct LocalInstaller {
     python: PathBuf,
+    /// pip's current directory: the session's dir (the server's), not its working dir.
+    cwd: PathBuf,
     target: PathBuf,
     policy: PackagePolicy,
 }
@@ -349,9 +353,11 @@ impl PackageInstaller for LocalInstaller {
         }
         let target = self.target.to_string_lossy();
         let mut cmd = Command::new(&self.python);
-        cmd.arg("-m")
-            .arg("pip")
+        // Isolated, from the server's state dir rather than the working dir: nothing the
+        // session wrote is found as a module (pip runs with the host's network).
+        cmd.args(PIP_PREFIX)
             .args(pip_args(&self.policy, &target, packages))
+            .current_dir(&self.cwd)
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
