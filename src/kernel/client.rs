@@ -525,7 +525,8 @@ async fn connect_one<S: Socket>(
 ) -> Result<Monitored<S>, KernelError> {
     wait_listening(info, channel, deadline).await;
     if info.transport == Transport::Ipc {
-        not_planted(&info.ipc_path(channel)).map_err(|e| connect_error(info, channel, e))?;
+        not_planted(&info.ipc_path(channel), info.socket_owner)
+            .map_err(|e| connect_error(info, channel, e))?;
     }
     let events = socket.monitor();
     socket
@@ -537,13 +538,20 @@ async fn connect_one<S: Socket>(
 
 /// A kernel's socket directory is the kernel's: what sits at a socket's path must be a socket
 /// itself (`lstat`), not a symlink, file or fifo planted there to send the server elsewhere on
-/// the host. Not there yet is for the connect to report.
-fn not_planted(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::FileTypeExt;
+/// the host, and owned by `owner` (the kernel's uid) when the sandbox names one. Not there yet
+/// is for the connect to report.
+fn not_planted(path: &std::path::Path, owner: Option<u32>) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => Err(format!(
             "{} is not a socket (something else was put in its place)",
             path.display()
+        )),
+        Ok(meta) if owner.is_some_and(|uid| meta.uid() != uid) => Err(format!(
+            "the socket {} belongs to uid {}, not to the kernel's uid {}",
+            path.display(),
+            meta.uid(),
+            owner.unwrap_or_default()
         )),
         _ => Ok(()),
     }
@@ -556,7 +564,7 @@ async fn wait_listening(info: &ConnectionInfo, channel: Channel, deadline: Insta
     loop {
         let probe = match info.transport {
             Transport::Tcp => probe_zmtp(&info.ip, info.port(channel)).await,
-            Transport::Ipc => match not_planted(&info.ipc_path(channel)) {
+            Transport::Ipc => match not_planted(&info.ipc_path(channel), info.socket_owner) {
                 // Never connect through what the kernel planted; connect_one reports it.
                 Err(_) => return,
                 Ok(()) => tokio::net::UnixStream::connect(info.ipc_path(channel))
@@ -771,5 +779,35 @@ async fn run_heartbeat(
             let _ = incoming.send(Incoming::HeartbeatLost).await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_planted;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn only_a_real_socket_of_the_kernels_uid_is_connected_to() {
+        let dir = std::env::temp_dir().join(format!("kb-planted-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let socket = dir.join("k-1");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let mine = std::fs::symlink_metadata(&socket).unwrap().uid();
+
+        assert!(not_planted(&socket, None).is_ok());
+        assert!(not_planted(&socket, Some(mine)).is_ok());
+        let other = not_planted(&socket, Some(mine + 1)).unwrap_err();
+        assert!(other.contains("belongs to uid"), "{other}");
+
+        let link = dir.join("k-2");
+        std::os::unix::fs::symlink(&socket, &link).unwrap();
+        let planted = not_planted(&link, Some(mine)).unwrap_err();
+        assert!(planted.contains("is not a socket"), "{planted}");
+        assert!(
+            not_planted(&dir.join("k-3"), Some(mine)).is_ok(),
+            "absent: connect reports it"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

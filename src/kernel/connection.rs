@@ -51,6 +51,11 @@ pub struct ConnectionInfo {
     /// Informational kernel name.
     #[serde(default)]
     pub kernel_name: String,
+    /// The uid that must own the kernel's ipc sockets (the sandbox's kernel user), when the
+    /// sandbox knows it: the client connects only to a socket of that owner, never to one that
+    /// something else put at the path. Not part of the connection file.
+    #[serde(skip)]
+    pub socket_owner: Option<u32>,
 }
 
 /// What the redacting `Debug` shows instead of a key (an empty key is shown as empty: it signs
@@ -70,6 +75,7 @@ impl std::fmt::Debug for ConnectionInfo {
             .field("key", &if self.key.is_empty() { "" } else { REDACTED })
             .field("signature_scheme", &self.signature_scheme)
             .field("kernel_name", &self.kernel_name)
+            .field("socket_owner", &self.socket_owner)
             .finish()
     }
 }
@@ -88,6 +94,7 @@ impl ConnectionInfo {
             key,
             signature_scheme: "hmac-sha256".to_owned(),
             kernel_name: String::new(),
+            socket_owner: None,
         }
     }
 

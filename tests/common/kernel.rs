@@ -80,6 +80,7 @@ impl TestKernel {
             key: ConnectionInfo::random_key(),
             signature_scheme: "hmac-sha256".into(),
             kernel_name: "python3".into(),
+            socket_owner: None,
         };
         Self::start(info, dir, extra)
     }

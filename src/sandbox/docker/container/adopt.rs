@@ -141,7 +141,11 @@ pub(in crate::sandbox::docker) async fn adopt(
         dirs,
         shared: shared.clone(),
         session_id: session.clone(),
-        connection: kernel.connection.clone(),
+        connection: ConnectionInfo {
+            socket_owner: (kernel.connection.transport == Transport::Ipc)
+                .then_some(shared.config.uid),
+            ..kernel.connection.clone()
+        },
         connection_file: details.connection_file.map(String::into_bytes),
         body: details.body,
         keeper_id: details.keeper_id,

@@ -275,6 +275,7 @@ async fn launch_inner(
             });
             let mut outside = ConnectionInfo::ipc(&host_prefix, key);
             outside.kernel_name = "python3".to_owned();
+            outside.socket_owner = Some(shared.config.uid);
             let path = format!("{CONTAINER_CONF_DIR}/{CONNECTION_FILE}");
             let cmd = if spec.kernel.argv.is_empty() {
                 vec!["-f".to_owned(), path]
