@@ -11,16 +11,13 @@ mod common;
 #[path = "common/kernel.rs"]
 mod kernel_common;
 
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::serve_process::ServeProcess;
 use kernelbox::kernel::{Channel, ClientOptions, Incoming, KernelClient, WireFault};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-const SERVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Writes `payload` to every connected socket of the kernel process (its ZeroMQ connections to
 /// the server, whichever way they were opened); sockets that refuse a write are skipped.
@@ -66,7 +63,8 @@ impl Server {
     async fn start(backend_args: &[&str], extra: &[&str]) -> Self {
         let dir = common::temp_state_dir();
         let token = format!("hostile-{}", uuid::Uuid::new_v4().simple());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kernelbox"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kernelbox"));
+        command
             .args([
                 "serve",
                 "--bind",
@@ -80,40 +78,8 @@ impl Server {
             .env("KERNELBOX_STATE_DIR", &dir)
             .env("XDG_STATE_HOME", &dir)
             .env("KERNELBOX_TOKEN", &token)
-            .env("KERNELBOX_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start kernelbox serve");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut addr_tx = Some(addr_tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.strip_prefix("kernelbox: serving on http://")
-                    && let Some(addr) = rest.split('/').next()
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-                if let Ok(mut log) = sink.lock() {
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        let addr = match tokio::time::timeout(SERVER_TIMEOUT, addr_rx).await {
-            Ok(Ok(addr)) => addr,
-            _ => panic!(
-                "the server did not start listening:\n{}",
-                log.lock().unwrap()
-            ),
-        };
+            .env("KERNELBOX_LOG", "info");
+        let ServeProcess { child, addr, log } = ServeProcess::spawn(command).await;
         Self {
             child,
             addr,

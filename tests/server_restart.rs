@@ -7,17 +7,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::serve_process::ServeProcess;
 use kernelbox::sandbox::docker::{DockerConfig, DockerSandbox};
 use kernelbox::sandbox::{KernelProcess, LaunchSpec};
 use kernelbox::session::{
     CreateSession, EventKind, KernelState, SessionManager, SessionOptions, SessionStore,
 };
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// How long a server may take to start listening or to exit after SIGTERM.
@@ -142,43 +141,11 @@ impl Server {
 
     async fn spawn(mut command: Command, workspace: &Workspace) -> Self {
         let token = "restart-test-token".to_owned();
-        let mut child = command
+        command
             .env("XDG_STATE_HOME", &workspace.dir)
             .env("KERNELBOX_TOKEN", &token)
-            .env("KERNELBOX_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start kernelbox serve");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut addr_tx = Some(addr_tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.strip_prefix("kernelbox: serving on http://")
-                    && let Some(addr) = rest.split('/').next()
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-                if let Ok(mut log) = sink.lock() {
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        let addr = match tokio::time::timeout(SERVER_TIMEOUT, addr_rx).await {
-            Ok(Ok(addr)) => addr,
-            _ => panic!(
-                "the server did not start listening:\n{}",
-                log.lock().map(|l| l.clone()).unwrap_or_default()
-            ),
-        };
+            .env("KERNELBOX_LOG", "info");
+        let ServeProcess { child, addr, log } = ServeProcess::spawn(command).await;
         Self {
             child,
             addr,

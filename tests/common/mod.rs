@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 pub mod jupyter;
+pub mod serve_process;
 
 use kernelbox::api::{self, AppState, KernelSpecs, Token};
 use kernelbox::sandbox::Sandbox;
