@@ -65,6 +65,10 @@ impl Actor {
                 Ok(())
             }
             Err(e) => {
+                self.reject(
+                    Some(request.cell.clone()),
+                    format!("cannot send the cell to the kernel: {e}"),
+                );
                 self.emit(
                     Some(request.cell.clone()),
                     EventKind::Done {
