@@ -68,3 +68,52 @@ async fn a_flooded_shell_socket_does_not_block_interrupt_or_close() {
     })
     .await;
 }
+
+/// A cell whose iopub `idle` is lost still finishes: `done` comes `IDLE_GRACE` (2 s) after its
+/// `execute_reply`, saying `idle_lost`, and the session is not left busy.
+///
+/// How the idle is really lost: the server's reader lags, as CPU starvation or a pause of the
+/// server would make it. This test runs the server on a single-threaded runtime and blocks that
+/// thread (`std::thread::sleep`) while the cell prints 20,000 flushed lines, so nothing reads
+/// the kernel's iopub socket; ipykernel's XPUB queues 1,000 messages (plus what the socket
+/// buffers) and silently drops the rest, the cell's final `idle` among them. The cell writes a
+/// marker file once its loop is done; the thread is released a second after it appears.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cell_whose_idle_is_lost_still_finishes() {
+    run_against(TestServer::local().await, async |server| {
+        let (_id, mut ws) = server.session().await;
+        let marker = common::temp_state_dir().join("flood-done");
+        let code = format!(
+            "import pathlib\nfor i in range(20000):\n    print(i, flush=True)\n\
+             pathlib.Path({:?}).write_text('1')",
+            marker.display().to_string()
+        );
+        let cell = ws.submit(&code).await;
+        ws.until(|e| e["type"] == "kernel" && e["state"] == "busy")
+            .await;
+        // Block the server (this is its only thread) until the kernel is done with the cell.
+        let blocked = std::time::Instant::now();
+        while !marker.exists() && blocked.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(marker.exists(), "the cell did not finish its loop");
+        std::thread::sleep(Duration::from_secs(1));
+
+        let done = tokio::time::timeout(PROMPTLY, ws.collect(&cell))
+            .await
+            .expect("the cell never finished: its lost idle left it running");
+        let done = done.events.last().cloned().unwrap_or_default();
+        assert_eq!(done["status"], "ok", "{done}");
+        assert_eq!(done["idle_lost"], true, "{done}");
+
+        // The session is idle again and runs the next cell normally.
+        let next = ws.run("1+1").await;
+        assert_eq!(next.result_text().as_deref(), Some("2"));
+        assert!(
+            next.events
+                .last()
+                .is_some_and(|d| d.get("idle_lost").is_none())
+        );
+    })
+    .await;
+}

@@ -54,6 +54,8 @@ impl Actor {
                         .map(|t| started + t),
                     reply: None,
                     idle: false,
+                    idle_wait: None,
+                    idle_lost: false,
                     timed_out: false,
                     restart_at: None,
                     output_bytes: 0,
@@ -76,6 +78,7 @@ impl Actor {
                         execution_count: None,
                         duration_ms: 0,
                         files: None,
+                        idle_lost: false,
                     },
                 );
                 Err(e)
@@ -248,6 +251,9 @@ impl Actor {
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
                     r.files = files;
+                    if !r.idle {
+                        r.idle_wait = Some(Instant::now() + IDLE_GRACE);
+                    }
                 }
             }
             (Channel::IoPub, "status") if running => {
@@ -304,14 +310,15 @@ impl Actor {
     }
 
     /// Emits `done` once the cell's reply and its final idle status have both arrived, so every
-    /// output of the cell reaches clients before it.
+    /// output of the cell reaches clients before it (or once `IDLE_GRACE` passed after the reply
+    /// without the idle: `on_deadline` then marks it `idle_lost`).
     pub(super) fn finish_if_done(&mut self) {
         let done = matches!(&self.running, Some(r) if r.idle && r.reply.is_some());
         if !done {
             return;
         }
         let Some(r) = self.running.take() else { return };
-        let (status, count) = r.reply.unwrap_or_else(|| ("error".into(), None));
+        let (status, count) = r.reply.clone().unwrap_or_else(|| ("error".into(), None));
         let status: &'static str = match (r.timed_out, status.as_str()) {
             (true, _) => "timeout",
             (false, "ok") => "ok",
@@ -336,6 +343,13 @@ impl Actor {
             );
         }
         self.interrupt_deadline = None;
+        if r.idle_lost {
+            tracing::warn!(
+                parent: &r.span,
+                grace_ms = millis(IDLE_GRACE),
+                "the cell's idle status never came (iopub dropped it): finished without it"
+            );
+        }
         let duration_ms = self.cell_finished(&r.span, r.started, status);
         self.emit(
             Some(r.cell),
@@ -344,6 +358,7 @@ impl Actor {
                 execution_count: count,
                 duration_ms,
                 files: r.files,
+                idle_lost: r.idle_lost,
             },
         );
         self.set_state(KernelState::Idle, None);
@@ -360,6 +375,7 @@ impl Actor {
                     execution_count: None,
                     duration_ms,
                     files: None,
+                    idle_lost: false,
                 },
             );
         }
@@ -371,6 +387,7 @@ impl Actor {
                     execution_count: None,
                     duration_ms: 0,
                     files: None,
+                    idle_lost: false,
                 },
             );
         }

@@ -124,6 +124,16 @@ impl Actor {
 
     pub(super) async fn on_deadline(&mut self) {
         let now = Instant::now();
+        if let Some(r) = self.running.as_mut()
+            && r.idle_wait.is_some_and(|d| d <= now)
+            && !r.idle
+        {
+            // iopub lost the cell's idle: its reply came, so the kernel is done with it.
+            r.idle_wait = None;
+            r.idle = true;
+            r.idle_lost = true;
+            self.finish_if_done();
+        }
         if self.interrupt_deadline.is_some_and(|d| d <= now) {
             self.signal_interrupt().await;
         }
@@ -174,6 +184,7 @@ impl Actor {
                     execution_count: None,
                     duration_ms,
                     files: None,
+                    idle_lost: false,
                 },
             );
             self.restart(Death::TimeoutRestart).await;
@@ -184,6 +195,9 @@ impl Actor {
         [
             self.running.as_ref().and_then(|r| r.deadline),
             self.running.as_ref().and_then(|r| r.restart_at),
+            self.running
+                .as_ref()
+                .and_then(|r| r.idle_wait.filter(|_| !r.idle)),
             self.interrupt_deadline,
         ]
         .into_iter()

@@ -29,6 +29,12 @@ use installs::{InstallUpdate, recv_install};
 /// How many recently finished cells keep their routing, for late output from threads.
 const RECENT_CELLS: usize = 64;
 
+/// How long a cell whose `execute_reply` came waits for its iopub `idle` before it is finished
+/// without it (`done` then says `idle_lost`). iopub is lossy by design: ipykernel's XPUB drops
+/// messages past its 1,000-message high-water mark when its reader lags, and the lost one may
+/// be the idle; without this bound the session would stay busy for ever.
+pub(crate) const IDLE_GRACE: Duration = Duration::from_secs(2);
+
 /// Bytes of client-built messages (`Session::forward`) that may wait, in all, for a starting
 /// or restarting kernel (besides `max_queue` of them); more are refused, not buffered.
 const MAX_WAITING_FORWARD_BYTES: usize = 64 << 20;
@@ -41,6 +47,10 @@ struct Running {
     deadline: Option<Instant>,
     reply: Option<(String, Option<i64>)>,
     idle: bool,
+    /// When the cell is finished without its `idle` (set when its reply came first).
+    idle_wait: Option<Instant>,
+    /// The `idle` never came: the cell was finished `IDLE_GRACE` after its reply.
+    idle_lost: bool,
     timed_out: bool,
     /// When a timed-out cell that has not stopped gets its kernel restarted.
     restart_at: Option<Instant>,
@@ -297,6 +307,7 @@ impl Actor {
             execution_count: None,
             duration_ms: 0,
             files: None,
+            idle_lost: false,
         };
         self.emit(Some(cell), done);
     }
