@@ -36,13 +36,20 @@ async fn a_flooded_shell_socket_does_not_block_interrupt_or_close() {
         // session goes on relaying: the KeyboardInterrupt arrives. (The cell's `execute_reply`
         // may come much later: ipykernel's shell thread answers the flood first.)
         let mut refused = 0;
+        let mut interrupts_refused = 0;
         let interrupted = tokio::time::timeout(PROMPTLY, async {
             loop {
                 let e = ws.next().await;
                 if e["id"] == cell.as_str() && e["type"] == "error" {
                     return e;
                 }
-                if e["type"] == "rejected" || e["type"] == "error" {
+                if e["type"] == "error" && e["id"].is_null() {
+                    // The interrupt shares the session's bounded command queue with the flood:
+                    // when the flood filled it, the interrupt is refused ("overloaded") and, as
+                    // a client should, sent again.
+                    interrupts_refused += 1;
+                    ws.send(json!({"type": "interrupt"})).await;
+                } else if e["type"] == "rejected" || e["type"] == "error" {
                     refused += 1;
                 }
             }
@@ -50,7 +57,7 @@ async fn a_flooded_shell_socket_does_not_block_interrupt_or_close() {
         .await
         .expect("the interrupt did not stop the cell promptly");
         assert_eq!(interrupted["ename"], "KeyboardInterrupt", "{interrupted}");
-        eprintln!("refused before the interrupt: {refused}");
+        eprintln!("requests refused: {refused}; interrupts refused: {interrupts_refused}");
 
         let delete = server
             .http()
@@ -114,6 +121,92 @@ async fn a_cell_whose_idle_is_lost_still_finishes() {
                 .last()
                 .is_some_and(|d| d.get("idle_lost").is_none())
         );
+    })
+    .await;
+}
+
+/// A server whose kernels' heartbeat is given up on after 3 × 200 ms (the default is 3 × 2 s).
+async fn quick_heartbeat_server() -> TestServer {
+    use kernelbox::sandbox::local::LocalSandbox;
+    let sandbox = LocalSandbox::new(common::python(), common::temp_state_dir()).expect("sandbox");
+    let options = kernelbox::session::SessionOptions {
+        client: kernelbox::kernel::ClientOptions {
+            heartbeat_interval: Duration::from_millis(200),
+            heartbeat_misses: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    TestServer::start(std::sync::Arc::new(sandbox), options).await
+}
+
+/// The kernel's process id, asked of the kernel itself.
+async fn kernel_pid(ws: &mut common::Ws) -> nix::unistd::Pid {
+    let pid = ws.run("import os; os.getpid()").await.result_text();
+    let pid: i32 = pid.and_then(|p| p.parse().ok()).expect("a pid");
+    nix::unistd::Pid::from_raw(pid)
+}
+
+/// A missed heartbeat is not a death when the kernel is only stopped (as a GC pause or CPU
+/// starvation would make it): SIGSTOP it well past the heartbeat timeout, then SIGCONT. The
+/// session must never report it dead, say it was unresponsive and recovered, and keep its
+/// variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_kernel_is_not_declared_dead() {
+    use nix::sys::signal::{Signal, kill};
+    run_against(quick_heartbeat_server().await, async |server| {
+        let (_id, mut ws) = server.session().await;
+        ws.run("x = 42").await;
+        let pid = kernel_pid(&mut ws).await;
+
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        // Heartbeat lost after ~0.6 s; the control probe gets a second; more than both.
+        let unresponsive = tokio::time::timeout(
+            Duration::from_secs(4),
+            ws.until(|e| {
+                e["type"] == "kernel"
+                    && (e["state"] == "dead"
+                        || e["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("unresponsive")))
+            }),
+        )
+        .await;
+        kill(pid, Signal::SIGCONT).expect("SIGCONT");
+        let unresponsive = unresponsive.expect("the stopped kernel was not reported unresponsive");
+        assert_ne!(unresponsive["state"], "dead", "{unresponsive}");
+
+        let recovered = tokio::time::timeout(
+            PROMPTLY,
+            ws.until(|e| e["type"] == "kernel" && e["reason"].is_string()),
+        )
+        .await
+        .expect("no recovery reported");
+        assert_ne!(recovered["state"], "dead", "{recovered}");
+        assert!(
+            recovered["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("recovered")),
+            "{recovered}"
+        );
+        let x = ws.run("x").await;
+        assert_eq!(x.result_text().as_deref(), Some("42"), "{:?}", x.events);
+    })
+    .await;
+}
+
+/// A real death is still one: SIGKILL the kernel and the session reports it dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_kernel_is_still_declared_dead() {
+    use nix::sys::signal::{Signal, kill};
+    run_against(quick_heartbeat_server().await, async |server| {
+        let (_id, mut ws) = server.session().await;
+        let pid = kernel_pid(&mut ws).await;
+        kill(pid, Signal::SIGKILL).expect("SIGKILL");
+        let dead = tokio::time::timeout(PROMPTLY, ws.wait_kernel("dead"))
+            .await
+            .expect("the killed kernel was not reported dead");
+        assert!(dead["reason"].is_string(), "{dead}");
     })
     .await;
 }

@@ -208,6 +208,15 @@ pub trait KernelProcess: Send + Sync + 'static {
     /// repeatedly and concurrently; after a restart it tracks the new process.
     async fn exited(&self) -> ExitReason;
 
+    /// Whether the kernel process (container) is still there: asked when the kernel stops
+    /// answering (a lost heartbeat), before it is declared dead. A stopped or CPU-starved
+    /// process is alive. Answers quickly (bounded), and `true` when it cannot tell (an engine
+    /// that does not answer): a kernel's state is only given up on evidence. The default,
+    /// for backends that cannot tell, is `true`.
+    async fn is_alive(&self) -> bool {
+        true
+    }
+
     /// Delivers SIGINT to the kernel process (fallback when a control interrupt does not land).
     async fn signal_interrupt(&self) -> Result<(), SandboxError>;
 

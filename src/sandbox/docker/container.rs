@@ -942,6 +942,28 @@ impl KernelProcess for DockerKernel {
         }
     }
 
+    async fn is_alive(&self) -> bool {
+        if self.state.borrow().exit.is_some() {
+            return false;
+        }
+        // Held for a restart or shutdown: not a death we know of.
+        let Ok(run) = self.run.try_lock() else {
+            return true;
+        };
+        if run.shut_down {
+            return false;
+        }
+        let id = run.container_id.clone();
+        drop(run);
+        let inspect = self.shared.docker.inspect_container(&id, None);
+        match tokio::time::timeout(Duration::from_secs(2), inspect).await {
+            Ok(Ok(inspect)) => inspect.state.and_then(|s| s.running).unwrap_or(false),
+            Ok(Err(err)) if super::is_not_found(&err) => false,
+            // The engine did not say: keep the kernel.
+            _ => true,
+        }
+    }
+
     async fn signal_interrupt(&self) -> Result<(), SandboxError> {
         let run = self.run.lock().await;
         if run.shut_down {

@@ -208,6 +208,14 @@ impl Actor {
     pub(super) fn on_message(&mut self, channel: Channel, msg: Arc<Message>) {
         self.update_status(|s| s.last_activity = Utc::now());
         let parent = msg.parent_id().map(str::to_owned);
+        if channel == Channel::Control
+            && let Some(u) = &self.unresponsive
+            && u.probe.is_some()
+            && u.probe == parent
+        {
+            self.kernel_answered();
+            return;
+        }
         if parent
             .as_ref()
             .is_some_and(|p| self.internal.iter().any(|i| i == p))

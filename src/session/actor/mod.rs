@@ -64,6 +64,19 @@ struct Running {
     span: tracing::Span,
 }
 
+/// A kernel whose heartbeat was lost while its process is still there: it is asked on control
+/// (`kernel_info_request`) until it answers or its process goes.
+struct Unresponsive {
+    /// When the heartbeat was lost.
+    since: Instant,
+    /// The msg_id of the latest control probe.
+    probe: Option<String>,
+    /// When the process is checked again (and a new probe sent) if the kernel is still silent.
+    recheck: Instant,
+    /// Whether clients were told (a `kernel` event) that the kernel is unresponsive.
+    announced: bool,
+}
+
 /// A connection attempt in flight.
 type Connecting = std::pin::Pin<
     Box<dyn Future<Output = Result<(KernelClient, mpsc::Receiver<Incoming>), KernelError>> + Send>,
@@ -90,6 +103,8 @@ pub(crate) struct Actor {
     recent: VecDeque<(String, Arc<str>)>,
     input_parent: Option<Header>,
     interrupt_deadline: Option<Instant>,
+    /// Set while a kernel whose heartbeat was lost is being rechecked.
+    unresponsive: Option<Unresponsive>,
     /// Client-built messages waiting for the kernel to be ready.
     forwards: VecDeque<(Channel, Message, Arc<str>)>,
     /// Their estimated size in all (`Message::estimated_size`).
@@ -161,6 +176,7 @@ impl Actor {
             recent: VecDeque::new(),
             input_parent: None,
             interrupt_deadline: None,
+            unresponsive: None,
             forwards: VecDeque::new(),
             forwards_bytes: 0,
             pending_queries: VecDeque::new(),
@@ -212,7 +228,7 @@ impl Actor {
                 }
                 incoming = recv_incoming(&mut self.incoming) => match incoming {
                     Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg),
-                    Some(Incoming::HeartbeatLost) => self.on_death(ExitReason::HeartbeatLost),
+                    Some(Incoming::HeartbeatLost) => Box::pin(self.on_heartbeat_lost()).await,
                     Some(Incoming::Fault(fault)) => {
                         self.kernel_lost(Death::WireFault, fault.to_string());
                     }
