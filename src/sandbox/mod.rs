@@ -209,12 +209,12 @@ pub trait KernelProcess: Send + Sync + 'static {
     async fn exited(&self) -> ExitReason;
 
     /// Whether the kernel process (container) is still there: asked when the kernel stops
-    /// answering (a lost heartbeat), before it is declared dead. A stopped or CPU-starved
-    /// process is alive. Answers quickly (bounded), and `true` when it cannot tell (an engine
-    /// that does not answer): a kernel's state is only given up on evidence. The default,
-    /// for backends that cannot tell, is `true`.
-    async fn is_alive(&self) -> bool {
-        true
+    /// answering (a lost heartbeat), before it is declared dead. `Some(true)`: it runs (a
+    /// stopped or CPU-starved process does); `Some(false)`: it is gone; `None`: cannot tell
+    /// (an engine that does not answer; the default, for backends that cannot tell). Answers
+    /// quickly (bounded).
+    async fn is_alive(&self) -> Option<bool> {
+        None
     }
 
     /// Delivers SIGINT to the kernel process (fallback when a control interrupt does not land).

@@ -942,25 +942,23 @@ impl KernelProcess for DockerKernel {
         }
     }
 
-    async fn is_alive(&self) -> bool {
+    async fn is_alive(&self) -> Option<bool> {
         if self.state.borrow().exit.is_some() {
-            return false;
+            return Some(false);
         }
-        // Held for a restart or shutdown: not a death we know of.
-        let Ok(run) = self.run.try_lock() else {
-            return true;
-        };
+        // Held for a restart or shutdown: cannot tell now.
+        let run = self.run.try_lock().ok()?;
         if run.shut_down {
-            return false;
+            return Some(false);
         }
         let id = run.container_id.clone();
         drop(run);
         let inspect = self.shared.docker.inspect_container(&id, None);
         match tokio::time::timeout(Duration::from_secs(2), inspect).await {
-            Ok(Ok(inspect)) => inspect.state.and_then(|s| s.running).unwrap_or(false),
-            Ok(Err(err)) if super::is_not_found(&err) => false,
-            // The engine did not say: keep the kernel.
-            _ => true,
+            Ok(Ok(inspect)) => Some(inspect.state.and_then(|s| s.running).unwrap_or(false)),
+            Ok(Err(err)) if is_not_found(&err) => Some(false),
+            // The engine did not answer (in time).
+            _ => None,
         }
     }
 

@@ -254,12 +254,12 @@ impl KernelProcess for LocalKernel {
         }
     }
 
-    async fn is_alive(&self) -> bool {
+    async fn is_alive(&self) -> Option<bool> {
         let Some((pgid, exit)) = self.current() else {
-            return false;
+            return Some(false);
         };
         // Signal 0 only checks that the process exists (a stopped one does).
-        exit.borrow().is_none() && nix::sys::signal::kill(pgid, None).is_ok()
+        Some(exit.borrow().is_none() && nix::sys::signal::kill(pgid, None).is_ok())
     }
 
     async fn signal_interrupt(&self) -> Result<(), SandboxError> {

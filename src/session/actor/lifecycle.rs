@@ -96,10 +96,11 @@ impl Actor {
     }
 
     /// The heartbeat stopped answering. That alone is no proof of death (a GC pause, a stopped
-    /// or CPU-starved process): the kernel is declared dead only if its process is gone;
-    /// otherwise it is asked on control, and kept (state and all) while its process is there.
+    /// or CPU-starved process): the kernel is declared dead if its process is gone, or if it
+    /// does not answer on control either and the sandbox cannot tell whether it runs; it is
+    /// kept (state and all) while its process is there.
     pub(super) async fn on_heartbeat_lost(&mut self) {
-        if !self.process.is_alive().await {
+        if self.process.is_alive().await == Some(false) {
             self.on_death(ExitReason::HeartbeatLost);
             return;
         }
@@ -144,10 +145,10 @@ impl Actor {
         (client.heartbeat_interval * client.heartbeat_misses.max(1)).max(Duration::from_secs(1))
     }
 
-    /// A silent kernel's probe went unanswered: dead if its process is gone, else announced
-    /// (once) as unresponsive, kept, and asked again.
+    /// A silent kernel's probe went unanswered: dead if its process is gone or cannot be
+    /// checked, else announced (once) as unresponsive, kept, and asked again.
     async fn recheck_unresponsive(&mut self, now: Instant) {
-        if !self.process.is_alive().await {
+        if self.process.is_alive().await != Some(true) {
             self.on_death(ExitReason::HeartbeatLost);
             return;
         }
