@@ -91,7 +91,7 @@ pub enum EventKind {
         files: Option<Vec<ChangedFile>>,
         /// The kernel's final iopub `idle` for the cell never came (iopub is lossy: ipykernel
         /// drops past its high-water mark when the reader lags): the cell was finished
-        /// `IDLE_GRACE` after its `execute_reply`, and output may be missing.
+        /// once iopub had been quiet for `IDLE_GRACE` after its `execute_reply`, and output may be missing.
         idle_lost: bool,
     },
     /// The kernel's lifecycle changed.

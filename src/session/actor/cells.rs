@@ -240,6 +240,14 @@ impl Actor {
         }
 
         let running = is_running(&self.running);
+        if channel == Channel::IoPub
+            && let Some(r) = self.running.as_mut()
+            && r.idle_wait.is_some()
+        {
+            // iopub may lag behind shell (a big burst of output): the grace counts from the
+            // last iopub message, so only an iopub that went quiet without the idle is a loss.
+            r.idle_wait = Some(Instant::now() + IDLE_GRACE);
+        }
         let cell = if running {
             self.running.as_ref().map(|r| r.cell.clone())
         } else {

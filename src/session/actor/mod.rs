@@ -30,9 +30,11 @@ use installs::{InstallUpdate, recv_install};
 const RECENT_CELLS: usize = 64;
 
 /// How long a cell whose `execute_reply` came waits for its iopub `idle` before it is finished
-/// without it (`done` then says `idle_lost`). iopub is lossy by design: ipykernel's XPUB drops
-/// messages past its 1,000-message high-water mark when its reader lags, and the lost one may
-/// be the idle; without this bound the session would stay busy for ever.
+/// without it (`done` then says `idle_lost`), counted from the reply or from the latest iopub
+/// message after it, whichever is later (iopub may lag behind shell during a burst of output;
+/// only an iopub that went quiet without the idle counts as a loss). iopub is lossy by design:
+/// ipykernel's XPUB drops messages past its 1,000-message high-water mark when its reader lags,
+/// and the lost one may be the idle; without this bound the session would stay busy for ever.
 pub(crate) const IDLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Bytes of client-built messages (`Session::forward`) that may wait, in all, for a starting
