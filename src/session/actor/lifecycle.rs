@@ -100,7 +100,10 @@ impl Actor {
     /// does not answer on control either and the sandbox cannot tell whether it runs; it is
     /// kept (state and all) while its process is there.
     pub(super) async fn on_heartbeat_lost(&mut self) {
-        if self.process.is_alive().await == Some(false) {
+        let alive = self.process.is_alive().await;
+        // Its connections closed and the sandbox cannot say it runs: nothing left to ask.
+        let closed = self.client.as_ref().is_none_or(KernelClient::is_closed);
+        if alive == Some(false) || (alive.is_none() && closed) {
             self.on_death(ExitReason::HeartbeatLost);
             return;
         }
