@@ -1,5 +1,5 @@
 //! Faults that must lose nothing and leave nothing stuck (issue 13), each reproduced against
-//! a real ipykernel on the local backend.
+//! a real ipykernel (the local backend; the Docker one where it matters).
 
 mod common;
 
@@ -125,19 +125,24 @@ async fn a_cell_whose_idle_is_lost_still_finishes() {
     .await;
 }
 
-/// A server whose kernels' heartbeat is given up on after 3 × 200 ms (the default is 3 × 2 s).
-async fn quick_heartbeat_server() -> TestServer {
-    use kernelbox::sandbox::local::LocalSandbox;
-    let sandbox = LocalSandbox::new(common::python(), common::temp_state_dir()).expect("sandbox");
-    let options = kernelbox::session::SessionOptions {
+/// Session options whose kernels' heartbeat is given up on after 3 × 200 ms (the default is
+/// 3 × 2 s).
+fn quick_heartbeat() -> kernelbox::session::SessionOptions {
+    kernelbox::session::SessionOptions {
         client: kernelbox::kernel::ClientOptions {
             heartbeat_interval: Duration::from_millis(200),
             heartbeat_misses: 3,
             ..Default::default()
         },
         ..Default::default()
-    };
-    TestServer::start(std::sync::Arc::new(sandbox), options).await
+    }
+}
+
+/// A local-backend server with `quick_heartbeat`.
+async fn quick_heartbeat_server() -> TestServer {
+    use kernelbox::sandbox::local::LocalSandbox;
+    let sandbox = LocalSandbox::new(common::python(), common::temp_state_dir()).expect("sandbox");
+    TestServer::start(std::sync::Arc::new(sandbox), quick_heartbeat()).await
 }
 
 /// The kernel's process id, asked of the kernel itself.
@@ -147,50 +152,90 @@ async fn kernel_pid(ws: &mut common::Ws) -> nix::unistd::Pid {
     nix::unistd::Pid::from_raw(pid)
 }
 
+/// Stops the kernel with `stop` well past the heartbeat timeout, then resumes it with
+/// `resume`: the session must never report it dead, must say it was unresponsive and then
+/// recovered, and must keep its variables.
+async fn a_stopped_kernel_is_kept(ws: &mut common::Ws, stop: impl FnOnce(), resume: impl FnOnce()) {
+    ws.run("x = 42").await;
+    stop();
+    // Heartbeat lost after ~0.6 s; the control probe gets a second; more than both.
+    let unresponsive = tokio::time::timeout(
+        Duration::from_secs(4),
+        ws.until(|e| {
+            e["type"] == "kernel"
+                && (e["state"] == "dead"
+                    || e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("unresponsive")))
+        }),
+    )
+    .await;
+    resume();
+    let unresponsive = unresponsive.expect("the stopped kernel was not reported unresponsive");
+    assert_ne!(unresponsive["state"], "dead", "{unresponsive}");
+
+    let recovered = tokio::time::timeout(
+        PROMPTLY,
+        ws.until(|e| e["type"] == "kernel" && e["reason"].is_string()),
+    )
+    .await
+    .expect("no recovery reported");
+    assert_ne!(recovered["state"], "dead", "{recovered}");
+    assert!(
+        recovered["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("recovered")),
+        "{recovered}"
+    );
+    let x = ws.run("x").await;
+    assert_eq!(x.result_text().as_deref(), Some("42"), "{:?}", x.events);
+}
+
 /// A missed heartbeat is not a death when the kernel is only stopped (as a GC pause or CPU
-/// starvation would make it): SIGSTOP it well past the heartbeat timeout, then SIGCONT. The
-/// session must never report it dead, say it was unresponsive and recovered, and keep its
-/// variables.
+/// starvation would make it): SIGSTOP the local kernel process, then SIGCONT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_kernel_is_not_declared_dead() {
     use nix::sys::signal::{Signal, kill};
     run_against(quick_heartbeat_server().await, async |server| {
         let (_id, mut ws) = server.session().await;
-        ws.run("x = 42").await;
         let pid = kernel_pid(&mut ws).await;
+        let stop = || kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        let resume = || kill(pid, Signal::SIGCONT).expect("SIGCONT");
+        a_stopped_kernel_is_kept(&mut ws, stop, resume).await;
+    })
+    .await;
+}
 
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-        // Heartbeat lost after ~0.6 s; the control probe gets a second; more than both.
-        let unresponsive = tokio::time::timeout(
-            Duration::from_secs(4),
-            ws.until(|e| {
-                e["type"] == "kernel"
-                    && (e["state"] == "dead"
-                        || e["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.starts_with("unresponsive")))
-            }),
-        )
-        .await;
-        kill(pid, Signal::SIGCONT).expect("SIGCONT");
-        let unresponsive = unresponsive.expect("the stopped kernel was not reported unresponsive");
-        assert_ne!(unresponsive["state"], "dead", "{unresponsive}");
-
-        let recovered = tokio::time::timeout(
-            PROMPTLY,
-            ws.until(|e| e["type"] == "kernel" && e["reason"].is_string()),
-        )
-        .await
-        .expect("no recovery reported");
-        assert_ne!(recovered["state"], "dead", "{recovered}");
-        assert!(
-            recovered["reason"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("recovered")),
-            "{recovered}"
-        );
-        let x = ws.run("x").await;
-        assert_eq!(x.result_text().as_deref(), Some("42"), "{:?}", x.events);
+/// The same on the Docker backend: `docker pause` freezes every process of the kernel's
+/// container (the container still runs), `docker unpause` thaws them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_docker_kernel_is_not_declared_dead() {
+    use kernelbox::sandbox::docker::{DockerConfig, DockerSandbox};
+    let sandbox = DockerSandbox::new(DockerConfig {
+        state_dir: common::temp_state_dir(),
+        ..DockerConfig::default()
+    })
+    .await
+    .unwrap_or_else(|err| panic!("{err} (build the image: kernel-image/build.sh)"));
+    let server = TestServer::start(std::sync::Arc::new(sandbox), quick_heartbeat()).await;
+    run_against(server, async |server| {
+        let (id, mut ws) = server.session().await;
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter"])
+            .arg(format!("label=kernelbox.session={id}"))
+            .args(["--filter", "label=kernelbox.role=kernel"])
+            .output()
+            .expect("docker ps");
+        let container = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(!container.is_empty(), "no kernel container for {id}");
+        let docker = |verb: &str| {
+            let status = std::process::Command::new("docker")
+                .args([verb, &container])
+                .status()
+                .expect("docker");
+            assert!(status.success(), "docker {verb} failed");
+        };
+        a_stopped_kernel_is_kept(&mut ws, || docker("pause"), || docker("unpause")).await;
     })
     .await;
 }
