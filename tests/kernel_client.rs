@@ -385,3 +385,60 @@ async fn wrong_key_is_never_ready() {
         result.err()
     );
 }
+
+/// A kernel that stops reading its shell socket (here: SIGSTOP) never makes `send` wait: the
+/// socket's buffers fill, then the client's bounded queue, then sends are refused at once with
+/// `Backlog`. Control still takes messages (its own queue), and once the kernel runs again
+/// everything queued reaches it.
+#[tokio::test]
+async fn send_never_waits_on_a_kernel_that_stopped_reading() {
+    let _slot = KERNELS.acquire().await.unwrap();
+    let kernel = TestKernel::start_ipc();
+    let (client, mut rx) = connect(&kernel, options()).await;
+    kernel.signal("STOP");
+    // 1 MiB requests: the byte bound (64 MiB) is reached after some 64 past the socket buffers.
+    let code = format!("# {}", "p".repeat(1 << 20));
+    let mut refused = None;
+    for i in 0..1000 {
+        let content = json!({"code": code, "cursor_pos": 1});
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(Channel::Shell, "complete_request", content, None),
+        )
+        .await;
+        match sent {
+            Err(_) => {
+                kernel.signal("CONT");
+                panic!("send {i} waited on a stopped kernel");
+            }
+            Ok(Err(e)) => {
+                refused = Some((i, e));
+                break;
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let control = client
+        .request(Channel::Control, "kernel_info_request", json!({}), None)
+        .await;
+    kernel.signal("CONT");
+    let (i, error) = refused.expect("no send was refused");
+    assert!(
+        matches!(
+            error,
+            KernelError::Backlog {
+                channel: "shell",
+                ..
+            }
+        ),
+        "send {i}: {error}"
+    );
+    assert!(i > 10, "refused too early, at send {i}");
+    let control = control.expect("control refused while only shell is backed up");
+    read_until(&mut rx, Duration::from_secs(60), |item| {
+        matches!(item, Incoming::Message { channel: Channel::Control, msg }
+            if msg.parent_id() == Some(control.as_str()))
+    })
+    .await;
+    drop(kernel);
+}

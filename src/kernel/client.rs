@@ -8,10 +8,15 @@
 //!   `kernel_info_reply` is read; fails with `KernelError::NotReady` after `ready_timeout`.
 //! - Each socket is owned by its own task; iopub is drained by a dedicated task into the bounded
 //!   `Incoming` channel so that ipykernel's XPUB never drops for lack of a reader.
+//! - No send waits on the kernel: shell, stdin and control each have a bounded queue
+//!   (`SEND_QUEUE_MESSAGES`, `SEND_QUEUE_BYTES`) written into the socket by a task; when it is
+//!   full (the kernel stopped reading that socket) `send` fails with `KernelError::Backlog`.
 //! - Every message read is HMAC-verified; bad signatures and malformed frames are dropped with a
 //!   `tracing::warn!`, never a panic.
 //! - The heartbeat task pings every `heartbeat_interval`; after `heartbeat_misses` misses in a row
-//!   it sends `Incoming::HeartbeatLost` once.
+//!   it sends `Incoming::HeartbeatLost` once (once per loss: a stopped kernel that answers again
+//!   may be reported again later; a disconnected one ends the task). A lost heartbeat is a
+//!   suspicion, not a death: the session rechecks (process, control) before believing it.
 //! - No socket buffers a message over `max_message_size` bytes: the (patched, see
 //!   `patches/README.md`) zeromq decoder checks every declared frame length, with the frames of
 //!   the same message before it, ahead of any allocation. A kernel that goes over the limit, or
@@ -34,13 +39,13 @@
 //! new `""` subscriber) is connection chatter too and is not forwarded either.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use zeromq::util::PeerIdentity;
@@ -95,6 +100,20 @@ pub enum KernelError {
     /// `send` was asked to use a channel clients cannot send on (iopub, heartbeat).
     #[error("cannot send on the {0} channel (only shell, control and stdin)")]
     WrongChannel(&'static str),
+    /// The kernel is not reading the channel: `messages` messages (`bytes` bytes) wait for it
+    /// already, so this one is refused rather than waited for.
+    #[error(
+        "the kernel is not reading its {channel} channel: {messages} messages ({bytes} bytes) \
+         wait for it already"
+    )]
+    Backlog {
+        /// Which channel.
+        channel: &'static str,
+        /// Messages waiting.
+        messages: usize,
+        /// Their bytes.
+        bytes: usize,
+    },
     /// The socket refused the message for another reason than a vanished peer.
     #[error("cannot send on {channel}: {reason}")]
     Send {
@@ -311,7 +330,10 @@ impl KernelClient {
     }
 
     /// Signs and sends a message built by the caller on `channel` (shell, control or stdin).
-    /// Returns the header's `msg_id`. Errors with `Closed` once the socket's task has ended.
+    /// Returns the header's `msg_id`. Never waits on the kernel: the message goes into the
+    /// socket's bounded queue (drained by a task), and is refused with `Backlog` when the kernel
+    /// has not read what was queued before (`SEND_QUEUE_MESSAGES`, `SEND_QUEUE_BYTES`). Errors
+    /// with `Closed` once the socket's reading task has ended.
     pub async fn send(&self, channel: Channel, msg: Message) -> Result<String, KernelError> {
         let sender = match channel {
             Channel::Shell => &self.shell,
@@ -326,7 +348,7 @@ impl KernelClient {
             channel: channel.as_str(),
             reason: e.to_string(),
         })?;
-        sender.send(channel.as_str(), frames).await?;
+        sender.send(channel.as_str(), frames)?;
         Ok(msg.header.msg_id)
     }
 
@@ -399,21 +421,77 @@ fn first_fault(incoming: &mut mpsc::Receiver<Incoming>) -> Option<KernelError> {
     None
 }
 
-/// The sending half of a request/reply DEALER. Sends go straight into the socket's queue; the
-/// reading half's task marks it closed when the kernel disconnects, so that later sends fail
-/// rather than queue into a socket nobody reads.
+/// How many messages may wait, per socket, for the kernel to read them; more are refused
+/// (`KernelError::Backlog`), never awaited.
+pub const SEND_QUEUE_MESSAGES: usize = 1024;
+/// How many bytes may wait, per socket, for the kernel to read them (one message of any size
+/// is always taken when none waits).
+pub const SEND_QUEUE_BYTES: usize = 64 << 20;
+
+/// The sending side of a request/reply DEALER: a bounded queue drained into the socket by a
+/// task of its own, so a sender never waits on the kernel. A kernel that stops reading a socket
+/// (its shell thread busy with a cell while requests pile up) fills the socket's buffers; the
+/// queue then fills and further sends are refused at once. The reading half's task marks it
+/// closed when the kernel disconnects, so that later sends fail rather than queue into a socket
+/// nobody reads.
 struct Sender {
-    half: Mutex<DealerSendHalf>,
+    queue: mpsc::Sender<ZmqMessage>,
+    /// Bytes queued and not yet written into the socket.
+    bytes: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
 }
 
 impl Sender {
-    async fn send(&self, channel: &'static str, frames: ZmqMessage) -> Result<(), KernelError> {
+    /// Queues `frames` for the socket, or refuses them at once (never waits).
+    fn send(&self, channel: &'static str, frames: ZmqMessage) -> Result<(), KernelError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(KernelError::Closed);
         }
-        let mut half = self.half.lock().await;
-        half.send(frames).await.map_err(|e| send_error(channel, e))
+        let size = message_bytes(&frames);
+        let queued = self.bytes.fetch_add(size, Ordering::AcqRel);
+        let backlog = |bytes: usize| KernelError::Backlog {
+            channel,
+            messages: SEND_QUEUE_MESSAGES - self.queue.capacity(),
+            bytes,
+        };
+        if queued > 0 && queued.saturating_add(size) > SEND_QUEUE_BYTES {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(backlog(queued));
+        }
+        match self.queue.try_send(frames) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.bytes.fetch_sub(size, Ordering::AcqRel);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Err(backlog(queued)),
+                    mpsc::error::TrySendError::Closed(_) => Err(KernelError::Closed),
+                }
+            }
+        }
+    }
+}
+
+/// A message's size as the send queue counts it: its frames' bytes.
+fn message_bytes(frames: &ZmqMessage) -> usize {
+    frames.iter().map(Bytes::len).sum()
+}
+
+/// Writes what `Sender` queued into the socket, in order, waiting on the kernel as long as it
+/// takes (only this task waits). A write that fails is logged and the message lost: a vanished
+/// peer is noticed by the reading half, which closes the sender.
+async fn run_writer(
+    mut half: DealerSendHalf,
+    mut queue: mpsc::Receiver<ZmqMessage>,
+    bytes: Arc<AtomicUsize>,
+    channel: &'static str,
+) {
+    while let Some(frames) = queue.recv().await {
+        let size = message_bytes(&frames);
+        let sent = half.send(frames).await;
+        bytes.fetch_sub(size, Ordering::AcqRel);
+        if let Err(error) = sent {
+            tracing::warn!(channel, error = %send_error(channel, error), "kernel message not sent");
+        }
     }
 }
 
@@ -431,9 +509,14 @@ impl Tasks {
         let Monitored { socket, events } = socket;
         let (half, recv) = socket.split();
         let closed = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let (queue, queued) = mpsc::channel(SEND_QUEUE_MESSAGES);
+        let channel = reader.channel.as_str();
         self.spawn(run_dealer(recv, events, reader, closed.clone()));
+        self.spawn(run_writer(half, queued, bytes.clone(), channel));
         Sender {
-            half: Mutex::new(half),
+            queue,
+            bytes,
             closed,
         }
     }
@@ -720,7 +803,10 @@ fn send_error(channel: &'static str, error: ZmqError) -> KernelError {
 
 /// Pings the heartbeat every `interval` (an empty delimiter frame + a sequence payload, which the
 /// kernel's ROUTER echoes); after `max_misses` unanswered pings in a row reports `HeartbeatLost`
-/// once and stops. A DEALER is used rather than REQ because REQ's recv is not cancel-safe.
+/// once. A kernel that was only stopped or starved (it keeps its connection) is pinged on: once
+/// it answers again, a later loss is reported again. A kernel whose connection went is not:
+/// the task ends after reporting. A DEALER is used rather than REQ because REQ's recv is not
+/// cancel-safe.
 async fn run_heartbeat(
     mut hb: Monitored<DealerSocket>,
     interval: Duration,
@@ -730,13 +816,21 @@ async fn run_heartbeat(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut misses = 0;
+    let mut lost = false;
+    let mut disconnected = false;
     for seq in 0u64.. {
         ticker.tick().await;
         let payload = Bytes::from(format!("kernelbox-hb-{seq}"));
         let ping = ZmqMessage::try_from(vec![Bytes::new(), payload.clone()]);
+        // Bounded like the answer: a stopped kernel's socket buffers fill up eventually.
         let sent = match ping {
-            Ok(ping) => hb.socket.send(ping).await.is_ok(),
-            Err(_) => false,
+            Ok(ping) if !disconnected => {
+                matches!(
+                    tokio::time::timeout(interval, hb.socket.send(ping)).await,
+                    Ok(Ok(()))
+                )
+            }
+            _ => false,
         };
         let answer = if sent {
             tokio::time::timeout(interval, async {
@@ -757,7 +851,11 @@ async fn run_heartbeat(
             Ok(Ok(false))
         };
         let answered = match answer {
-            Ok(Ok(answered)) => answered,
+            Ok(Ok(answered)) => {
+                // `peer_gone` returned: the connection went.
+                disconnected |= sent && !answered;
+                answered
+            }
             Ok(Err(error)) => {
                 if let Some(fault) = WireFault::of(Channel::Heartbeat, &error) {
                     tracing::warn!(channel = "hb", %fault, "kernel broke the wire protocol");
@@ -769,14 +867,23 @@ async fn run_heartbeat(
             Err(_elapsed) => false,
         };
         if answered {
+            if lost {
+                tracing::info!("kernel heartbeat answers again");
+            }
             misses = 0;
+            lost = false;
             continue;
         }
         misses += 1;
         tracing::debug!(misses, "heartbeat ping unanswered");
-        if misses >= max_misses {
+        if misses >= max_misses && !lost {
             tracing::warn!(misses, "kernel heartbeat lost");
-            let _ = incoming.send(Incoming::HeartbeatLost).await;
+            lost = true;
+            if incoming.send(Incoming::HeartbeatLost).await.is_err() {
+                return;
+            }
+        }
+        if lost && disconnected {
             return;
         }
     }

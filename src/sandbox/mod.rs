@@ -235,6 +235,15 @@ pub trait KernelProcess: Send + Sync + 'static {
     /// repeatedly and concurrently; after a restart it tracks the new process.
     async fn exited(&self) -> ExitReason;
 
+    /// Whether the kernel process (container) is still there: asked when the kernel stops
+    /// answering (a lost heartbeat), before it is declared dead. `Some(true)`: it runs (a
+    /// stopped or CPU-starved process does); `Some(false)`: it is gone; `None`: cannot tell
+    /// (an engine that does not answer; the default, for backends that cannot tell). Answers
+    /// quickly (bounded).
+    async fn is_alive(&self) -> Option<bool> {
+        None
+    }
+
     /// Delivers SIGINT to the kernel process (fallback when a control interrupt does not land).
     async fn signal_interrupt(&self) -> Result<(), SandboxError>;
 

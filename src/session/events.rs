@@ -89,6 +89,10 @@ pub enum EventKind {
         /// Files under `output/` the cell created or changed (`None`: not known, e.g. the cell
         /// failed or the kernel is not Python).
         files: Option<Vec<ChangedFile>>,
+        /// The kernel's final iopub `idle` for the cell never came (iopub is lossy: ipykernel
+        /// drops past its high-water mark when the reader lags): the cell was finished
+        /// once iopub had been quiet for `IDLE_GRACE` after its `execute_reply`, and output may be missing.
+        idle_lost: bool,
     },
     /// The kernel's lifecycle changed.
     State {

@@ -274,6 +274,11 @@ pub enum ServerEvent<'a> {
         /// `GET /v1/sessions/{id}/files/{path}`.
         #[serde(skip_serializing_if = "Option::is_none")]
         files: Option<&'a [ChangedFile]>,
+        /// `true` when the kernel's final `idle` status for the cell never arrived (the kernel's
+        /// output channel dropped messages): the cell was finished once its output channel had been quiet for 2 s after the kernel's reply,
+        /// and some of its output may be missing. Absent otherwise.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        idle_lost: Option<bool>,
     },
     /// The session's kernel changed state.
     Kernel {

@@ -107,8 +107,10 @@ pub fn render(event: &SessionEvent) -> Option<ServerMessage<'_>> {
             execution_count,
             duration_ms,
             files,
+            idle_lost,
         } => ServerEvent::Done {
             files: files.as_deref(),
+            idle_lost: idle_lost.then_some(true),
             status,
             execution_count: *execution_count,
             duration_ms: *duration_ms,

@@ -255,6 +255,14 @@ impl KernelProcess for LocalKernel {
         }
     }
 
+    async fn is_alive(&self) -> Option<bool> {
+        let Some((pgid, exit)) = self.current() else {
+            return Some(false);
+        };
+        // Signal 0 only checks that the process exists (a stopped one does).
+        Some(exit.borrow().is_none() && nix::sys::signal::kill(pgid, None).is_ok())
+    }
+
     async fn signal_interrupt(&self) -> Result<(), SandboxError> {
         let (pgid, _) = self.current().ok_or(SandboxError::Control {
             op: "interrupt",

@@ -55,6 +55,8 @@ impl Actor {
                         .map(|t| started + t),
                     reply: None,
                     idle: false,
+                    idle_wait: None,
+                    idle_lost: false,
                     timed_out: false,
                     restart_at: None,
                     output_bytes: 0,
@@ -66,6 +68,10 @@ impl Actor {
                 Ok(())
             }
             Err(e) => {
+                self.reject(
+                    Some(request.cell.clone()),
+                    format!("cannot send the cell to the kernel: {e}"),
+                );
                 self.emit(
                     Some(request.cell.clone()),
                     EventKind::Done {
@@ -73,6 +79,7 @@ impl Actor {
                         execution_count: None,
                         duration_ms: 0,
                         files: None,
+                        idle_lost: false,
                     },
                 );
                 Err(e)
@@ -201,6 +208,14 @@ impl Actor {
     pub(super) fn on_message(&mut self, channel: Channel, msg: Arc<Message>) {
         self.update_status(|s| s.last_activity = Utc::now());
         let parent = msg.parent_id().map(str::to_owned);
+        if channel == Channel::Control
+            && let Some(u) = &self.unresponsive
+            && u.probe.is_some()
+            && u.probe == parent
+        {
+            self.kernel_answered();
+            return;
+        }
         if parent
             .as_ref()
             .is_some_and(|p| self.internal.iter().any(|i| i == p))
@@ -225,6 +240,14 @@ impl Actor {
         }
 
         let running = is_running(&self.running);
+        if channel == Channel::IoPub
+            && let Some(r) = self.running.as_mut()
+            && r.idle_wait.is_some()
+        {
+            // iopub may lag behind shell (a big burst of output): the grace counts from the
+            // last iopub message, so only an iopub that went quiet without the idle is a loss.
+            r.idle_wait = Some(Instant::now() + IDLE_GRACE);
+        }
         let cell = if running {
             self.running.as_ref().map(|r| r.cell.clone())
         } else {
@@ -244,6 +267,9 @@ impl Actor {
                 if let Some(r) = self.running.as_mut() {
                     r.reply = Some((status.to_owned(), count));
                     r.files = files;
+                    if !r.idle {
+                        r.idle_wait = Some(Instant::now() + IDLE_GRACE);
+                    }
                 }
             }
             (Channel::IoPub, "status") if running => {
@@ -300,14 +326,15 @@ impl Actor {
     }
 
     /// Emits `done` once the cell's reply and its final idle status have both arrived, so every
-    /// output of the cell reaches clients before it.
+    /// output of the cell reaches clients before it (or once `IDLE_GRACE` passed after the reply
+    /// without the idle: `on_deadline` then marks it `idle_lost`).
     pub(super) fn finish_if_done(&mut self) {
         let done = matches!(&self.running, Some(r) if r.idle && r.reply.is_some());
         if !done {
             return;
         }
         let Some(r) = self.running.take() else { return };
-        let (status, count) = r.reply.unwrap_or_else(|| ("error".into(), None));
+        let (status, count) = r.reply.clone().unwrap_or_else(|| ("error".into(), None));
         let status: &'static str = match (r.timed_out, status.as_str()) {
             (true, _) => "timeout",
             (false, "ok") => "ok",
@@ -332,6 +359,13 @@ impl Actor {
             );
         }
         self.interrupt_deadline = None;
+        if r.idle_lost {
+            tracing::warn!(
+                parent: &r.span,
+                grace_ms = millis(IDLE_GRACE),
+                "the cell's idle status never came (iopub dropped it): finished without it"
+            );
+        }
         let duration_ms = self.cell_finished(&r.span, r.started, status);
         self.emit(
             Some(r.cell),
@@ -340,6 +374,7 @@ impl Actor {
                 execution_count: count,
                 duration_ms,
                 files: r.files,
+                idle_lost: r.idle_lost,
             },
         );
         self.set_state(KernelState::Idle, None);
@@ -356,6 +391,7 @@ impl Actor {
                     execution_count: None,
                     duration_ms,
                     files: None,
+                    idle_lost: false,
                 },
             );
         }
@@ -367,6 +403,7 @@ impl Actor {
                     execution_count: None,
                     duration_ms: 0,
                     files: None,
+                    idle_lost: false,
                 },
             );
         }

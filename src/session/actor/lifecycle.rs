@@ -1,6 +1,8 @@
 //! The kernel's lifecycle in the session actor: connecting, interrupts, restarts, deaths
 //! (the sandbox's exit, a lost heartbeat, a wire fault) and deadlines.
 
+use futures::FutureExt;
+
 use super::*;
 
 impl Actor {
@@ -76,6 +78,7 @@ impl Actor {
         self.incoming = None;
         self.connecting = None;
         self.interrupt_deadline = None;
+        self.unresponsive = None;
         match self.process.restart().await {
             Ok(()) => {
                 m::kernel_started(StartKind::Restart);
@@ -89,6 +92,94 @@ impl Actor {
                 self.set_state(KernelState::Dead, Some(e.to_string()));
                 self.flush_forwards().await;
             }
+        }
+    }
+
+    /// The heartbeat stopped answering. That alone is no proof of death (a GC pause, a stopped
+    /// or CPU-starved process): the kernel is declared dead if its process is gone, or if it
+    /// does not answer on control either and the sandbox cannot tell whether it runs; it is
+    /// kept (state and all) while its process is there.
+    pub(super) async fn on_heartbeat_lost(&mut self) {
+        let alive = self.process.is_alive().await;
+        // Its connections closed and the sandbox cannot say it runs: nothing left to ask.
+        let closed = self.client.as_ref().is_none_or(KernelClient::is_closed);
+        if alive == Some(false) || (alive.is_none() && closed) {
+            self.on_death(ExitReason::HeartbeatLost);
+            return;
+        }
+        tracing::warn!(session = %self.id, "kernel heartbeat lost; its process is alive: asking it on control");
+        let now = Instant::now();
+        self.unresponsive = Some(Unresponsive {
+            since: now,
+            probe: None,
+            recheck: now,
+            announced: false,
+        });
+        self.probe_control(now);
+    }
+
+    /// Sends a control `kernel_info_request` to a kernel that went silent; rechecks later.
+    fn probe_control(&mut self, now: Instant) {
+        let wait = self.probe_wait();
+        let probe = match &self.client {
+            Some(client) => client
+                .request(Channel::Control, "kernel_info_request", json!({}), None)
+                .now_or_never()
+                .and_then(Result::ok),
+            None => None,
+        };
+        if let Some(id) = &probe {
+            // Its iopub busy/idle are nobody's business.
+            self.internal.push_back(id.clone());
+            if self.internal.len() > 16 {
+                self.internal.pop_front();
+            }
+        }
+        if let Some(u) = self.unresponsive.as_mut() {
+            u.probe = probe.or(u.probe.take());
+            u.recheck = now + wait;
+        }
+    }
+
+    /// How long a silent kernel is given to answer a control probe: as long as the heartbeat
+    /// took to give up on it, at least a second.
+    fn probe_wait(&self) -> Duration {
+        let client = &self.opts.client;
+        (client.heartbeat_interval * client.heartbeat_misses.max(1)).max(Duration::from_secs(1))
+    }
+
+    /// A silent kernel's probe went unanswered: dead if its process is gone or cannot be
+    /// checked, else announced (once) as unresponsive, kept, and asked again.
+    async fn recheck_unresponsive(&mut self, now: Instant) {
+        if self.process.is_alive().await != Some(true) {
+            self.on_death(ExitReason::HeartbeatLost);
+            return;
+        }
+        let Some(u) = self.unresponsive.as_mut() else {
+            return;
+        };
+        if !u.announced {
+            u.announced = true;
+            let silent = u.since.elapsed().as_secs_f64();
+            let reason = format!(
+                "unresponsive: no heartbeat or control answer for {silent:.1} s; its process is                  alive, so it is kept"
+            );
+            tracing::warn!(session = %self.id, "{reason}");
+            self.set_state(self.state, Some(reason));
+        }
+        self.probe_control(now);
+    }
+
+    /// A kernel that went silent answered its control probe: it is alive and kept.
+    pub(super) fn kernel_answered(&mut self) {
+        let Some(u) = self.unresponsive.take() else {
+            return;
+        };
+        let silent = u.since.elapsed().as_secs_f64();
+        tracing::info!(session = %self.id, silent_s = silent, "kernel answers again");
+        if u.announced {
+            let reason = format!("recovered: the kernel answers again after {silent:.1} s");
+            self.set_state(self.state, Some(reason));
         }
     }
 
@@ -107,6 +198,7 @@ impl Actor {
         self.incoming = None;
         self.connecting = None;
         self.interrupt_deadline = None;
+        self.unresponsive = None;
         // The death first, then the cells it aborted: clients learn the cause before the effect.
         self.set_state(KernelState::Dead, Some(reason));
         self.abort_all("aborted");
@@ -124,6 +216,19 @@ impl Actor {
 
     pub(super) async fn on_deadline(&mut self) {
         let now = Instant::now();
+        if self.unresponsive.as_ref().is_some_and(|u| u.recheck <= now) {
+            self.recheck_unresponsive(now).await;
+        }
+        if let Some(r) = self.running.as_mut()
+            && r.idle_wait.is_some_and(|d| d <= now)
+            && !r.idle
+        {
+            // iopub lost the cell's idle: its reply came, so the kernel is done with it.
+            r.idle_wait = None;
+            r.idle = true;
+            r.idle_lost = true;
+            self.finish_if_done();
+        }
         if self.interrupt_deadline.is_some_and(|d| d <= now) {
             self.signal_interrupt().await;
         }
@@ -174,6 +279,7 @@ impl Actor {
                     execution_count: None,
                     duration_ms,
                     files: None,
+                    idle_lost: false,
                 },
             );
             self.restart(Death::TimeoutRestart).await;
@@ -184,7 +290,11 @@ impl Actor {
         [
             self.running.as_ref().and_then(|r| r.deadline),
             self.running.as_ref().and_then(|r| r.restart_at),
+            self.running
+                .as_ref()
+                .and_then(|r| r.idle_wait.filter(|_| !r.idle)),
             self.interrupt_deadline,
+            self.unresponsive.as_ref().map(|u| u.recheck),
         ]
         .into_iter()
         .flatten()

@@ -29,6 +29,14 @@ use installs::{InstallUpdate, recv_install};
 /// How many recently finished cells keep their routing, for late output from threads.
 const RECENT_CELLS: usize = 64;
 
+/// How long a cell whose `execute_reply` came waits for its iopub `idle` before it is finished
+/// without it (`done` then says `idle_lost`), counted from the reply or from the latest iopub
+/// message after it, whichever is later (iopub may lag behind shell during a burst of output;
+/// only an iopub that went quiet without the idle counts as a loss). iopub is lossy by design:
+/// ipykernel's XPUB drops messages past its 1,000-message high-water mark when its reader lags,
+/// and the lost one may be the idle; without this bound the session would stay busy for ever.
+pub(crate) const IDLE_GRACE: Duration = Duration::from_secs(2);
+
 /// The cell the kernel is running now.
 struct Running {
     cell: Arc<str>,
@@ -37,6 +45,10 @@ struct Running {
     deadline: Option<Instant>,
     reply: Option<(String, Option<i64>)>,
     idle: bool,
+    /// When the cell is finished without its `idle` (set when its reply came first).
+    idle_wait: Option<Instant>,
+    /// The `idle` never came: the cell was finished `IDLE_GRACE` after its reply.
+    idle_lost: bool,
     timed_out: bool,
     /// When a timed-out cell that has not stopped gets its kernel restarted.
     restart_at: Option<Instant>,
@@ -48,6 +60,19 @@ struct Running {
     files: Option<Vec<ChangedFile>>,
     /// The cell's span (session and cell id), the parent of what is logged about it.
     span: tracing::Span,
+}
+
+/// A kernel whose heartbeat was lost while its process is still there: it is asked on control
+/// (`kernel_info_request`) until it answers or its process goes.
+struct Unresponsive {
+    /// When the heartbeat was lost.
+    since: Instant,
+    /// The msg_id of the latest control probe.
+    probe: Option<String>,
+    /// When the process is checked again (and a new probe sent) if the kernel is still silent.
+    recheck: Instant,
+    /// Whether clients were told (a `kernel` event) that the kernel is unresponsive.
+    announced: bool,
 }
 
 /// A connection attempt in flight.
@@ -76,6 +101,8 @@ pub(crate) struct Actor {
     recent: VecDeque<(String, Arc<str>)>,
     input_parent: Option<Header>,
     interrupt_deadline: Option<Instant>,
+    /// Set while a kernel whose heartbeat was lost is being rechecked.
+    unresponsive: Option<Unresponsive>,
     /// Client-built messages waiting for the kernel to be ready.
     forwards: VecDeque<(Channel, Message, Arc<str>, Queued)>,
     /// Completion/inspection queries waiting for the kernel to be ready.
@@ -145,6 +172,7 @@ impl Actor {
             recent: VecDeque::new(),
             input_parent: None,
             interrupt_deadline: None,
+            unresponsive: None,
             forwards: VecDeque::new(),
             pending_queries: VecDeque::new(),
         };
@@ -195,7 +223,7 @@ impl Actor {
                 }
                 incoming = recv_incoming(&mut self.incoming) => match incoming {
                     Some(Incoming::Message { channel, msg }) => self.on_message(channel, msg),
-                    Some(Incoming::HeartbeatLost) => self.on_death(ExitReason::HeartbeatLost),
+                    Some(Incoming::HeartbeatLost) => Box::pin(self.on_heartbeat_lost()).await,
                     Some(Incoming::Fault(fault)) => {
                         self.kernel_lost(Death::WireFault, fault.to_string());
                     }
@@ -291,6 +319,7 @@ impl Actor {
             execution_count: None,
             duration_ms: 0,
             files: None,
+            idle_lost: false,
         };
         self.emit(Some(cell), done);
     }

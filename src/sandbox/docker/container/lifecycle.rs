@@ -89,6 +89,26 @@ impl KernelProcess for DockerKernel {
         }
     }
 
+    async fn is_alive(&self) -> Option<bool> {
+        if self.state.borrow().exit.is_some() {
+            return Some(false);
+        }
+        // Held for a restart or shutdown: cannot tell now.
+        let run = self.run.try_lock().ok()?;
+        if run.shut_down {
+            return Some(false);
+        }
+        let id = run.container_id.clone();
+        drop(run);
+        let inspect = self.shared.docker.inspect_container(&id, None);
+        match tokio::time::timeout(Duration::from_secs(2), inspect).await {
+            Ok(Ok(inspect)) => Some(inspect.state.and_then(|s| s.running).unwrap_or(false)),
+            Ok(Err(err)) if crate::sandbox::docker::is_not_found(&err) => Some(false),
+            // The engine did not answer (in time).
+            _ => None,
+        }
+    }
+
     async fn signal_interrupt(&self) -> Result<(), SandboxError> {
         let run = self.run.lock().await;
         if run.shut_down {
