@@ -11,13 +11,12 @@ mod common;
 #[path = "common/kernel.rs"]
 mod kernel_common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::serve_process::ServeProcess;
 use kernelbox::kernel::{Channel, ClientOptions, Incoming, KernelClient, WireFault};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// Writes `payload` to every connected socket of the kernel process (its ZeroMQ connections to
 /// the server, whichever way they were opened); sockets that refuse a write are skipped.
@@ -53,10 +52,8 @@ const MALFORMED: &str = r"b'\x04\x05\xffNOPE!' * 64";
 
 /// `kernelbox serve` as a child process.
 struct Server {
-    child: Child,
-    addr: String,
+    process: ServeProcess,
     token: String,
-    log: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -79,22 +76,19 @@ impl Server {
             .env("XDG_STATE_HOME", &dir)
             .env("KERNELBOX_TOKEN", &token)
             .env("KERNELBOX_LOG", "info");
-        let ServeProcess { child, addr, log } = ServeProcess::spawn(command).await;
         Self {
-            child,
-            addr,
+            process: ServeProcess::spawn(command).await,
             token,
-            log,
         }
     }
 
     fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.process.log()
     }
 
     /// Panics (with the server's log) if the server process has ended.
     fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Ok(Some(status)) = self.process.child.try_wait() {
             panic!("the server died ({status}):\n{}", self.log());
         }
     }
@@ -128,7 +122,7 @@ impl Server {
 
     async fn session(&self) -> (String, common::Ws) {
         let resp = reqwest::Client::new()
-            .post(format!("http://{}/v1/sessions", self.addr))
+            .post(format!("http://{}/v1/sessions", self.process.addr))
             .bearer_auth(&self.token)
             .send()
             .await
@@ -138,7 +132,7 @@ impl Server {
         let id = body["id"].as_str().expect("session id").to_owned();
         let url = format!(
             "ws://{}/v1/sessions/{id}/ws?token={}",
-            self.addr, self.token
+            self.process.addr, self.token
         );
         let (stream, _) = tokio_tungstenite::connect_async(url)
             .await
@@ -150,7 +144,7 @@ impl Server {
 
     async fn delete(&self, id: &str) {
         let _ = reqwest::Client::new()
-            .delete(format!("http://{}/v1/sessions/{id}", self.addr))
+            .delete(format!("http://{}/v1/sessions/{id}", self.process.addr))
             .bearer_auth(&self.token)
             .send()
             .await;

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::serve_process::ServeProcess;
@@ -17,7 +17,7 @@ use kernelbox::session::{
     CreateSession, EventKind, KernelState, SessionManager, SessionOptions, SessionStore,
 };
 use serde_json::Value;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// How long a server may take to start listening or to exit after SIGTERM.
 const SERVER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -108,10 +108,8 @@ impl Drop for Workspace {
 
 /// The real `kernelbox serve` binary on a free loopback port.
 struct Server {
-    child: Child,
-    addr: String,
+    process: ServeProcess,
     token: String,
-    log: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -145,21 +143,18 @@ impl Server {
             .env("XDG_STATE_HOME", &workspace.dir)
             .env("KERNELBOX_TOKEN", &token)
             .env("KERNELBOX_LOG", "info");
-        let ServeProcess { child, addr, log } = ServeProcess::spawn(command).await;
         Self {
-            child,
-            addr,
+            process: ServeProcess::spawn(command).await,
             token,
-            log,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("http://{}{path}", self.process.addr)
     }
 
     fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.process.log()
     }
 
     async fn create_session(&self) -> String {
@@ -197,7 +192,7 @@ impl Server {
     async fn ws(&self, id: &str, since: Option<u64>) -> common::Ws {
         let mut url = format!(
             "ws://{}/v1/sessions/{id}/ws?token={}",
-            self.addr, self.token
+            self.process.addr, self.token
         );
         if let Some(since) = since {
             url.push_str(&format!("&since={since}"));
@@ -210,7 +205,7 @@ impl Server {
 
     /// Sends `signal` to the server.
     fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = self.child.id().expect("the server runs");
+        let pid = self.process.child.id().expect("the server runs");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
             signal,
@@ -221,7 +216,7 @@ impl Server {
     /// Kills the server outright (SIGKILL, as a crash would end it) and waits until it is gone.
     async fn crash(mut self) {
         self.signal(nix::sys::signal::Signal::SIGKILL);
-        let _ = tokio::time::timeout(SERVER_TIMEOUT, self.child.wait())
+        let _ = tokio::time::timeout(SERVER_TIMEOUT, self.process.child.wait())
             .await
             .expect("the server ends at SIGKILL");
     }
@@ -229,7 +224,7 @@ impl Server {
     /// Sends SIGTERM and waits for a clean exit.
     async fn terminate(mut self) {
         self.signal(nix::sys::signal::Signal::SIGTERM);
-        let status = tokio::time::timeout(SERVER_TIMEOUT, self.child.wait())
+        let status = tokio::time::timeout(SERVER_TIMEOUT, self.process.child.wait())
             .await
             .unwrap_or_else(|_| panic!("the server did not exit after SIGTERM:\n{}", self.log()))
             .expect("wait for the server");
